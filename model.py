@@ -1,0 +1,1170 @@
+"""
+model.py: the one module the eight training scripts share.
+
+A small decoder-only transformer in the spirit of nanoGPT, with the few switches that cover GPT-2
+(learned positions, LayerNorm, GELU, biases) and the Llama family (RoPE with Llama-3 scaling,
+RMSNorm, SwiGLU, grouped-query attention, optional q/k/v bias as in Qwen2), plus what the
+scripts need around it:
+
+    GPT(config), GPT.from_pretrained(path | hub id | .gguf), model.save_pretrained(dir, tokenizer)
+    model(idx)                          -> logits (B, T, V)
+    model(idx, targets, mask=...)       -> log p(targets) (B, T) [and entropy], via the fused kernel
+    model.generate(prompts, n, ...)     -> completion tokens (B, n) and their mask, KV-cached
+    token_logprobs(hidden, weight, targets, temperature)   the fused, chunked log-prob kernel
+    Tokenizer.from_pretrained(...)      tiktoken over the checkpoint's own byte-level BPE, chat format
+
+Sections: config and presets · modules · fused log-probs · generation · tokenizer ·
+safetensors · Hugging Face loading and saving · hub download · GGUF.
+"""
+
+import json
+import math
+import mmap
+import os
+import re
+import struct
+import unicodedata
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "llama"  # the Hugging Face family written by save_pretrained: gpt2 | llama | qwen2
+    vocab_size: int = 258
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4  # < n_head: grouped-query attention
+    n_embd: int = 256
+    head_dim: int = 0  # 0: n_embd // n_head
+    ffn_dim: int = 0  # 0: 4 * n_embd
+    max_seq_len: int = 1024
+    pos: str = "rope"  # rope | learned
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "swiglu"  # swiglu | gelu
+    bias: bool = False  # biases in every linear and norm (GPT-2)
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ..., ...}
+    bos_token_id: int | None = None
+    eos_token_id: list = field(default_factory=list)  # generation stops at any of these
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.ffn_dim = self.ffn_dim or 4 * self.n_embd
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert self.pos in ("rope", "learned") and self.norm in ("rmsnorm", "layernorm") and self.mlp in ("swiglu", "gelu")
+
+
+def tiny_config(**overrides):
+    """The `tiny` preset: a Llama-style model of ~3M parameters over the byte-level tokenizer
+    (256 bytes + <|endoftext|> + <|pad|>) that trains from scratch on a laptop CPU in minutes."""
+    cfg = dict(arch="llama", vocab_size=258, n_layer=4, n_head=4, n_kv_head=4, n_embd=256, ffn_dim=512,
+               max_seq_len=512, tie_embeddings=True, bos_token_id=None, eos_token_id=[256], pad_token_id=257)
+    cfg.update(overrides)
+    return GPTConfig(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.weight = nn.Parameter(torch.ones(cfg.n_embd))
+        self.bias = nn.Parameter(torch.zeros(cfg.n_embd)) if cfg.norm == "layernorm" else None
+
+    def forward(self, x):
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def rope_inv_freq(cfg):
+    """Inverse frequencies (head_dim/2,) with Llama-3 or linear scaling applied."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    s = cfg.rope_scaling
+    if not s:
+        return inv.float()
+    if s["rope_type"] == "linear":
+        return (inv / s["factor"]).float()
+    # llama3: long wavelengths slowed down by `factor`, short ones kept, smooth ramp in between
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+    scaled = (1 - smooth) * inv / factor + smooth * inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, scaled)
+    return torch.where(wavelen < old / hi, inv, scaled).float()
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, T, hd); cos, sin (B, 1, T, hd). Hugging Face's "rotate half" layout.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (L, B, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.len = 0  # positions filled so far
+
+    def update(self, layer, k, v):
+        t0, t1 = self.len, self.len + k.shape[2]
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_out, bias=cfg.bias or cfg.qkv_bias)  # q, k, v stacked
+        self.c_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x, rope, attn_mask, cache):
+        c = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split([c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim], -1)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, c.n_kv_head, c.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=c.n_kv_head != c.n_head)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.kind = cfg.mlp
+        width = 2 * cfg.ffn_dim if cfg.mlp == "swiglu" else cfg.ffn_dim  # swiglu: gate and up stacked
+        self.c_fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.kind == "swiglu":
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2, self.mlp = Norm(cfg), Attention(cfg, layer), Norm(cfg), MLP(cfg)
+
+    def forward(self, x, rope, attn_mask, cache):
+        x = x + self.attn(self.ln_1(x), rope, attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.pos == "learned" else None,
+            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+            ln_f=Norm(cfg),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def trunk(self, idx, positions=None, attn_mask=None, cache=None):
+        """Token ids (B, T) -> final normalised hidden states (B, T, d). Without positions and mask:
+        plain causal attention from position 0 (right padding needs no mask)."""
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        if positions.max() >= self.config.max_seq_len:
+            raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds the context of "
+                             f"{self.config.max_seq_len} tokens (max_seq_len)")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(positions)
+        else:
+            freqs = positions[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
+            freqs = torch.cat((freqs, freqs), dim=-1)
+            rope = (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
+        for block in self.transformer.h:
+            x = block(x, rope, attn_mask, cache)
+        if cache is not None:
+            cache.len += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, mask=None, temperature=1.0, entropy=False):
+        """Without targets: logits (B, T, V). With targets (B, T), the token that follows each
+        position: log p(target | prefix) (B, T) through the fused kernel, zero where mask == 0 (those
+        positions are skipped, not computed), and with entropy=True also the entropy (B, T)."""
+        h = self.trunk(idx)
+        if targets is None:
+            return self.lm_head(h)
+        B, T, d = h.shape
+        h, targets = h.reshape(B * T, d), targets.reshape(B * T)
+        keep = None if mask is None else mask.reshape(B * T).nonzero().squeeze(1)
+        if keep is not None:
+            h, targets = h.index_select(0, keep), targets.index_select(0, keep)
+        lp, ent = token_logprobs(h, self.lm_head.weight, targets, temperature, entropy=True) if entropy else \
+            (token_logprobs(h, self.lm_head.weight, targets, temperature), None)
+        if keep is not None:
+            lp = lp.new_zeros(B * T).index_copy(0, keep, lp)
+            ent = None if ent is None else ent.new_zeros(B * T).index_copy(0, keep, ent)
+        lp = lp.view(B, T)
+        return (lp, ent.view(B, T)) if entropy else lp
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=None,
+                 eos_id=None, pad_id=None):
+        """Sample completions for a batch of prompts (a list of token-id lists, any lengths).
+
+        Prompts are left-padded; each row's positions start at 0 at its first real token and a mask
+        hides the padding, so every row sees exactly what it would see alone. One preallocated KV
+        cache; the prefill computes logits only at the last position; each step then feeds one token
+        per row. temperature 0 is greedy. A row stops at its first EOS (any id in eos_id, default the
+        config's), which is part of its completion; the loop stops when every row has stopped.
+        Returns tokens (B, n) with pad_id after the end, and mask (B, n), 1 on generated tokens."""
+        cfg, device = self.config, self.lm_head.weight.device
+        eos = eos_id if eos_id is not None else cfg.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device, dtype=torch.long)
+        pad = pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: empty prompt")
+        if P + max_new_tokens > cfg.max_seq_len:
+            raise ValueError(f"generate: prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
+                             f"context of {cfg.max_seq_len} tokens")
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        idx = torch.full((B, P), pad, dtype=torch.long, device=device)
+        valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # keys that are real tokens
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            valid[i, P - len(p):P] = True
+        n_pad = P - valid[:, :P].sum(1)  # (B,)
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.lm_head.weight.dtype
+        cache = KVCache(cfg, B, P + max_new_tokens, device, dtype)
+        out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
+        out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        # prefill: causal within the prompt, padding hidden, then the first sampled token
+        pos = (torch.arange(P, device=device) - n_pad[:, None]).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        attn_mask = (causal[None] & valid[:, None, :P])[:, None]  # (B, 1, P, P)
+        attn_mask = attn_mask | torch.eye(P, dtype=torch.bool, device=device)  # a pad query sees itself: no NaN
+        h = self.trunk(idx, pos, attn_mask, cache)[:, -1]
+        for t in range(max_new_tokens):
+            logits = self.lm_head(h).float()  # (B, V)
+            nxt = sample_next(logits, temperature, top_p, top_k, gen)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out[:, t], out_mask[:, t] = nxt, ~done
+            done = done | torch.isin(nxt, eos)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            valid[:, P + t] = True
+            pos = (P + t - n_pad)[:, None]  # (B, 1)
+            h = self.trunk(nxt[:, None], pos, valid[:, None, None, :P + t + 1], cache)[:, -1]
+        return out, out_mask.long()
+
+
+def sample_next(logits, temperature, top_p, top_k, gen):
+    """logits (B, V) -> next token ids (B,): greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, order = logits.sort(dim=-1, descending=True)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(1, order, srt.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused token log-probs: log p(target) and entropy from hidden states and the unembedding, in chunks
+# of rows, so that no (tokens x vocabulary) tensor ever exists in full, forward or backward.
+
+
+def _chunk_rows(n_rows, vocab, chunk_size):
+    return chunk_size or max(1, min(n_rows, (1 << 23) // vocab))  # about 32 MB of fp32 logits a chunk
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, want_entropy, chunk_size):
+        # hidden (N, d), weight (V, d), targets (N,) -> logp (N,), entropy (N,) (empty unless asked)
+        N, V = hidden.shape[0], weight.shape[0]
+        dev = hidden.device.type
+        mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # softmax precision
+        logp = torch.empty(N, device=hidden.device, dtype=acc)
+        lse = torch.empty_like(logp)
+        ent = torch.empty_like(logp) if want_entropy else logp.new_empty(0)
+        rows = _chunk_rows(N, V, chunk_size)
+        with torch.autocast(dev, enabled=False):
+            w = weight.to(mm)
+            for s in range(0, N, rows):
+                z = (hidden[s:s + rows].to(mm) @ w.T).to(acc).div_(temperature)  # (n, V)
+                lse[s:s + rows] = m = torch.logsumexp(z, dim=-1)
+                logp[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - m
+                if want_entropy:  # H = lse - sum_v p_v z_v
+                    ent[s:s + rows] = m - (z.sub(m[:, None]).exp_() * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.mm, ctx.acc, ctx.rows, ctx.want_entropy = temperature, mm, acc, rows, want_entropy
+        ctx.mark_non_differentiable(targets)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        T, mm, acc, rows = ctx.temperature, ctx.mm, ctx.acc, ctx.rows
+        use_ent = ctx.want_entropy and g_ent is not None
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(mm)
+            for s in range(0, hidden.shape[0], rows):
+                h = hidden[s:s + rows].to(mm)
+                z = (h @ w.T).to(acc).div_(T)  # recomputed (n, V)
+                m, g = lse[s:s + rows, None], g_logp[s:s + rows, None].to(acc)
+                if use_ent:  # dH/dz_v = -p_v (z_v - lse + H) = -p_v (z_v - sum_u p_u z_u)
+                    p = (z - m).exp_()  # softmax
+                    dz = p * -g - g_ent[s:s + rows, None].to(acc) * p * (z - (p * z).sum(-1, keepdim=True))
+                else:
+                    dz = z.sub_(m).exp_().mul_(-g)  # d logp / dz = onehot - p, in place
+                dz.scatter_add_(1, targets[s:s + rows, None], g)
+                dz = dz.div_(T).to(mm)
+                if grad_h is not None:
+                    grad_h[s:s + rows] = (dz @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w.addmm_(dz.T, h) if mm == acc else grad_w.add_(dz.T @ h)
+        return grad_h, (None if grad_w is None else grad_w.to(weight.dtype)), None, None, None, None
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, chunk_size=None):
+    """log p(targets | prefix) at a sampling temperature for hidden states (..., d), an unembedding
+    weight (V, d) and targets (...). With entropy=True also returns the entropy of each position's
+    distribution (same shape). Chunked over rows with its own backward: peak extra memory is one
+    (chunk x V) block, and gradients flow to `hidden` and `weight` as if log_softmax had been used."""
+    shape = targets.shape
+    lp, ent = _TokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                   float(temperature), bool(entropy), chunk_size)
+    return (lp.view(shape), ent.view(shape)) if entropy else lp.view(shape)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: a thin class over a tiktoken.Encoding built from the checkpoint's own byte-level BPE
+
+# Pre-tokenizer split patterns. Where a tokenizer first splits digits one by one and then applies
+# GPT-2's pattern (SmolLM2, StarCoder), one regex does both: \p{N} first, and a run of spaces before a
+# digit kept whole, as it is when the digits have been split off first.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DIGITS_GPT2_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+GGUF_PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "default": GPT2_PATTERN, "smollm": DIGITS_GPT2_PATTERN,
+                     "starcoder": DIGITS_GPT2_PATTERN, "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN,
+                     "qwen2": QWEN2_PATTERN}
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible map from the 256 bytes to printable characters (byte-level BPE vocabularies)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _pre_tokenizer_json(pattern):
+    """The tokenizer.json pre_tokenizer that splits like `pattern` (for tokenizers we write ourselves)."""
+    if pattern == GPT2_PATTERN:
+        return BYTE_LEVEL
+    if pattern == DIGITS_GPT2_PATTERN:
+        return {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]}
+    return {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": False},
+        dict(BYTE_LEVEL, use_regex=False)]}
+
+
+def _pattern_from_json(pre, where):
+    """tokenizer.json's pre_tokenizer -> one tiktoken split pattern (the layouts of the supported families)."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return GPT2_PATTERN
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return DIGITS_GPT2_PATTERN
+    if kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {}) and not steps[1].get("use_regex", True) \
+            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+        return steps[0]["pattern"]["Regex"]
+    raise ValueError(f"{where}: pre_tokenizer {json.dumps(pre)[:200]} is not supported; model.py reads the "
+                     "byte-level BPE layouts of GPT-2, Llama 3, Qwen2 and SmolLM2")
+
+
+class Tokenizer:
+    """Text <-> token ids with the checkpoint's own vocabulary, plus its chat format.
+
+    encode(text) never turns text into special tokens (a prompt cannot inject <|im_end|>);
+    chat_prompt(user) builds the model's prompt from ids, in ChatML (SmolLM2, Qwen2) or Llama-3
+    headers, or plain text when the checkpoint has no chat template. eos_id ends a completion (the
+    end-of-turn token in chat formats); stop_ids are every id that ends generation; pad_id is
+    distinct from eos_id and only ever sits under a zero mask."""
+
+    def __init__(self, enc, eos_id, pad_id, bos_id=None, add_bos=False, chat=None, system=None, nfc=False,
+                 pre_tokenizer=None, merges=None, chat_template=None, source_files=None):
+        self.enc, self.eos_id, self.pad_id, self.bos_id, self.add_bos = enc, eos_id, pad_id, bos_id, add_bos
+        self.chat, self.system, self.nfc = chat, system, nfc
+        self.pre_tokenizer, self.merges, self.chat_template = pre_tokenizer, merges, chat_template
+        self.source_files = source_files or {}  # original tokenizer files, written back verbatim on save
+        self.special = dict(enc._special_tokens)
+        self.stop_ids = sorted({eos_id} | {self.special[s] for s in ("<|endoftext|>", "<|end_of_text|>")
+                                           if s in self.special and self.special[s] != pad_id})
+        self.vocab_size = enc.max_token_value + 1
+
+    # -- encode / decode
+    def encode(self, text):
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids, skip_special=True):
+        ids = [i for i in ids if not (skip_special and i in self.special.values())]
+        return self.enc.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # -- chat format
+    def chat_prompt(self, user, system=None):
+        """Token ids of a one-turn conversation, ending where the assistant's reply starts."""
+        system = system if system is not None else self.system
+        sp, e = self.special, self.encode
+        if self.chat == "chatml":
+            ids = []
+            if system:
+                ids += [sp["<|im_start|>"]] + e(f"system\n{system}") + [sp["<|im_end|>"]] + e("\n")
+            return ids + [sp["<|im_start|>"]] + e(f"user\n{user}") + [sp["<|im_end|>"]] + e("\n") + \
+                [sp["<|im_start|>"]] + e("assistant\n")
+        if self.chat == "llama3":
+            head = lambda role: [sp["<|start_header_id|>"]] + e(role) + [sp["<|end_header_id|>"]] + e("\n\n")
+            ids = [sp["<|begin_of_text|>"]]
+            if system:
+                ids += head("system") + e(system) + [sp["<|eot_id|>"]]
+            return ids + head("user") + e(user) + [sp["<|eot_id|>"]] + head("assistant")
+        return ([self.bos_id] if self.add_bos and self.bos_id is not None else []) + e(user)
+
+    # -- construction
+    @classmethod
+    def byte_level(cls):
+        """The `tiny` tokenizer: one token per byte, then <|endoftext|> (EOS) and <|pad|>."""
+        enc = tiktoken.Encoding("bytes", pat_str=GPT2_PATTERN, mergeable_ranks={bytes([i]): i for i in range(256)},
+                                special_tokens={"<|endoftext|>": 256, "<|pad|>": 257})
+        return cls(enc, eos_id=256, pad_id=257, pre_tokenizer=BYTE_LEVEL, merges=[])
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        path = resolve_checkpoint(name_or_path)
+        if path.suffix == ".gguf":
+            return cls.from_gguf(GGUFFile(path).metadata, str(path))
+        return cls.from_dir(path)
+
+    @classmethod
+    def from_dir(cls, path):
+        path = Path(path)
+        tj_path = path / "tokenizer.json"
+        if not tj_path.exists():
+            raise FileNotFoundError(f"{path}: no tokenizer.json (model.py reads Hugging Face fast-tokenizer files)")
+        source = {"tokenizer.json": tj_path.read_text(encoding="utf-8")}
+        tj = _read_json(tj_path)
+        tc_path = path / "tokenizer_config.json"
+        tc = _read_json(tc_path) if tc_path.exists() else {}
+        if tc_path.exists():
+            source["tokenizer_config.json"] = tc_path.read_text(encoding="utf-8")
+        where = str(tj_path)
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ValueError(f"{where}: tokenizer model {model.get('type')!r} is not supported; model.py reads "
+                             "byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2)")
+        norm = tj.get("normalizer")
+        if norm not in (None, {"type": "NFC"}):
+            raise ValueError(f"{where}: normalizer {json.dumps(norm)[:120]} is not supported (only none or NFC)")
+        pattern = _pattern_from_json(tj.get("pre_tokenizer"), where)
+        added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        enc = _bpe_encoding(model["vocab"], added, merges, pattern, where)
+        token = lambda v: (v.get("content") if isinstance(v, dict) else v)
+        cfg = _read_json(path / "config.json") if (path / "config.json").exists() else {}
+        eos = token(tc.get("eos_token"))
+        eos_id = added.get(eos) if eos else None
+        if eos_id is None:
+            cfg_eos = cfg.get("eos_token_id")
+            eos_id = cfg_eos[0] if isinstance(cfg_eos, list) else cfg_eos
+        if eos_id is None:
+            eos_id = added.get("<|endoftext|>", added.get("<|end_of_text|>"))
+        if eos_id is None:
+            raise ValueError(f"{path}: cannot tell the end-of-sequence token (no eos_token in tokenizer_config.json, "
+                             "no eos_token_id in config.json, no <|endoftext|>)")
+        bos = token(tc.get("bos_token"))
+        template = tc.get("chat_template")
+        if template is None and (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+            source["chat_template.jinja"] = template
+        return cls._assemble(enc, eos_id, added.get(token(tc.get("pad_token"))), added.get(bos) if bos else None,
+                             bool(tc.get("add_bos_token", False)), template, norm is not None,
+                             tj.get("pre_tokenizer"), merges, source)
+
+    @classmethod
+    def from_gguf(cls, meta, where):
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"{where}: tokenizer.ggml.model = {kind!r} is not supported; model.py reads byte-level "
+                             "BPE vocabularies (tokenizer.ggml.model = 'gpt2')")
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_PATTERNS:
+            raise ValueError(f"{where}: tokenizer.ggml.pre = {pre!r} is not supported; known: {sorted(GGUF_PRE_PATTERNS)}")
+        tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type", [1] * len(meta["tokenizer.ggml.tokens"]))
+        added = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
+        vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 1}  # normal
+        merges = list(meta.get("tokenizer.ggml.merges", []))
+        pattern = GGUF_PRE_PATTERNS[pre]
+        enc = _bpe_encoding(vocab, added, merges, pattern, where)
+        return cls._assemble(enc, meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.padding_token_id"),
+                             meta.get("tokenizer.ggml.bos_token_id"), bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                             meta.get("tokenizer.chat_template"), pre == "qwen2", _pre_tokenizer_json(pattern), merges, {})
+
+    @classmethod
+    def _assemble(cls, enc, eos_id, pad_id, bos_id, add_bos, template, nfc, pre_tokenizer, merges, source):
+        special = dict(enc._special_tokens)
+        if pad_id is None or pad_id == eos_id:  # a pad distinct from EOS: a spare special token, else id 0
+            spare = [special[s] for s in ("<|pad|>", "<|endoftext|>", "<pad>", "<|finetune_right_pad_id|>")
+                     if s in special and special[s] != eos_id]
+            pad_id = spare[0] if spare else next((i for i in sorted(special.values()) if i != eos_id), 0)
+        chat, system = None, None
+        if template and "<|im_start|>" in template and "<|im_start|>" in special and "<|im_end|>" in special:
+            chat, eos_id = "chatml", special["<|im_end|>"]
+            m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<]+)<\|im_end\|>", template)
+            system = m.group(1) if m else None
+        elif template and "<|start_header_id|>" in template and "<|eot_id|>" in special:
+            chat, eos_id = "llama3", special["<|eot_id|>"]
+        return cls(enc, eos_id, pad_id, bos_id, add_bos, chat, system, nfc, pre_tokenizer, merges, template, source)
+
+    # -- saving (Hugging Face layout)
+    def save_files(self):
+        """{filename: text} of tokenizer.json and tokenizer_config.json, the originals when we have them."""
+        files = dict(self.source_files)
+        if "tokenizer.json" not in files:
+            b2u = _bytes_to_unicode()
+            names = {i: s for s, i in self.special.items()}
+            vocab = {"".join(b2u[b] for b in tok): i for tok, i in self.enc._mergeable_ranks.items()}
+            files["tokenizer.json"] = json.dumps({
+                "version": "1.0", "truncation": None, "padding": None,
+                "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                                  "normalized": False, "special": True} for i, s in sorted(names.items())],
+                "normalizer": {"type": "NFC"} if self.nfc else None, "pre_tokenizer": self.pre_tokenizer,
+                "post_processor": None, "decoder": dict(BYTE_LEVEL, add_prefix_space=True),
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                          "vocab": vocab, "merges": self.merges or []}}, ensure_ascii=False)
+        if "tokenizer_config.json" not in files:
+            names = {i: s for s, i in self.special.items()}
+            tc = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": names.get(self.eos_id),
+                  "pad_token": names.get(self.pad_id), "bos_token": names.get(self.bos_id), "add_bos_token": self.add_bos}
+            if self.chat_template:
+                tc["chat_template"] = self.chat_template
+            files["tokenizer_config.json"] = json.dumps(tc, indent=2, ensure_ascii=False)
+        return files
+
+
+def _bpe_encoding(vocab, added, merges, pattern, where):
+    """A tiktoken.Encoding whose ranks are the vocabulary ids. tiktoken merges by rank, which equals
+    the BPE merge order when ids are in merge order; we check that instead of assuming it."""
+    u2b = {c: b for b, c in _bytes_to_unicode().items()}
+    ranks = {}
+    for tok, i in vocab.items():
+        if tok in added:
+            continue
+        try:
+            ranks[bytes(u2b[c] for c in tok)] = i
+        except KeyError:
+            raise ValueError(f"{where}: vocabulary entry {tok!r} is not byte-level BPE") from None
+    last = -1
+    for k, m in enumerate(merges):
+        a, _, b = m.partition(" ")
+        i = vocab.get(a + b)
+        if i is None or i < max(vocab.get(a, -1), vocab.get(b, -1)) or i < last:
+            raise ValueError(f"{where}: merge {k} ({m!r}) does not follow the vocabulary's id order; "
+                             "model.py needs ids in merge order to use them as tiktoken ranks")
+        last = i
+    return tiktoken.Encoding(name=str(where), pat_str=pattern, mergeable_ranks=ranks, special_tokens=dict(added))
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors: an 8-byte header length, a JSON header, then the raw little-endian tensors
+
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} of one .safetensors file, memory-mapped (copy-on-write: the file is never written)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n < 0 or n > size - 8:
+            raise ValueError(f"{path}: truncated or not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path}: corrupt safetensors header (not JSON)") from None
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+        start, end = info["data_offsets"]
+        count = math.prod(info["shape"])
+        if end > size - 8 - n:
+            raise ValueError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, the file has {size}")
+        if end - start != count * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name}: {end - start} bytes for shape {info['shape']} {info['dtype']}")
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = t.view(info["shape"])
+    return tensors
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} as one .safetensors file (the caller renames it into place)."""
+    header, offset = {}, 0
+    rev = {v: k for k, v in ST_DTYPES.items()}
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": rev[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face layout: config.json <-> GPTConfig, and an explicit map of weight names
+
+HF_ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+def config_from_hf(c, where):
+    archs = c.get("architectures") or [c.get("model_type")]
+    arch = HF_ARCHS.get(archs[0]) or {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2"}.get(archs[0])
+    if arch is None:
+        raise ValueError(f"{where}: architecture {archs[0]!r} is not supported; model.py loads {', '.join(HF_ARCHS)}")
+    ids = dict(bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id") or [], pad_token_id=c.get("pad_token_id"))
+    if arch == "gpt2":
+        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+            raise ValueError(f"{where}: activation_function {c['activation_function']!r} is not supported (gelu_new)")
+        if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn") or c.get("scale_attn_weights") is False:
+            raise ValueError(f"{where}: GPT-2 attention variants (scale_attn_*, reorder_and_upcast_attn) are not supported")
+        return GPTConfig(arch="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_kv_head=c["n_head"],
+                         n_embd=c["n_embd"], ffn_dim=c.get("n_inner") or 4 * c["n_embd"], max_seq_len=c["n_positions"],
+                         pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True,
+                         norm_eps=c.get("layer_norm_epsilon", 1e-5), **ids)
+    if c.get("hidden_act", "silu") != "silu" or c.get("mlp_bias"):
+        raise ValueError(f"{where}: hidden_act {c.get('hidden_act')!r} / mlp_bias are not supported (silu, no bias)")
+    if arch == "llama" and c.get("attention_bias"):
+        raise ValueError(f"{where}: attention_bias = true is not supported for Llama")
+    if arch == "qwen2" and c.get("use_sliding_window"):
+        raise ValueError(f"{where}: use_sliding_window = true is not supported")
+    rp = dict(c.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling here
+    theta = c.get("rope_theta") or rp.get("rope_theta") or 10000.0
+    scaling = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    if scaling:
+        kind = scaling.get("rope_type") or scaling.get("type")
+        if kind not in ("llama3", "linear"):
+            raise ValueError(f"{where}: rope scaling {kind!r} is not supported (llama3, linear)")
+        scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")} | {"rope_type": kind}
+    return GPTConfig(arch=arch, vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
+                     n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"], n_embd=c["hidden_size"],
+                     head_dim=c.get("head_dim") or 0, ffn_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
+                     qkv_bias=arch == "qwen2", tie_embeddings=c.get("tie_word_embeddings", arch != "llama"),
+                     norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling, **ids)
+
+
+def config_to_hf(cfg):
+    eos = cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else list(cfg.eos_token_id)
+    ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=eos or None, pad_token_id=cfg.pad_token_id, torch_dtype="float32")
+    if cfg.arch == "gpt2":
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                    n_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=cfg.ffn_dim, n_positions=cfg.max_seq_len, n_ctx=cfg.max_seq_len,
+                    activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, **ids)
+    c = dict(architectures=["Qwen2ForCausalLM" if cfg.arch == "qwen2" else "LlamaForCausalLM"], model_type=cfg.arch,
+             vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layer,
+             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, hidden_act="silu",
+             max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+             rope_scaling=cfg.rope_scaling, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, **ids)
+    if cfg.arch == "qwen2":
+        c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+        del c["attention_bias"], c["mlp_bias"]
+    return c
+
+
+def weight_sources(cfg, fmt):
+    """Our parameter name -> the checkpoint tensors it is made of, as (name, transform) pairs; several
+    are stacked along dim 0 (q, k, v into c_attn; gate, up into c_fc). fmt is "hf" or "gguf"."""
+    T = lambda w: w.t()  # GPT-2's Conv1D stores weights (in, out)
+    same = None
+    # llama.cpp stores q and k rows interleaved for its rotary layout; this undoes it
+    unperm = lambda heads: (lambda w: w.reshape(heads, cfg.head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape))
+    m = {}
+    if cfg.arch == "gpt2":
+        assert fmt == "hf", "GGUF files of GPT-2 are not supported"
+        m["transformer.wte.weight"] = [("wte.weight", same)]
+        m["transformer.wpe.weight"] = [("wpe.weight", same)]
+        for i in range(cfg.n_layer):
+            for ours, kind in [("ln_1", "norm"), ("attn.c_attn", "conv"), ("attn.c_proj", "conv"), ("ln_2", "norm"),
+                               ("mlp.c_fc", "conv"), ("mlp.c_proj", "conv")]:
+                m[f"transformer.h.{i}.{ours}.weight"] = [(f"h.{i}.{ours}.weight", T if kind == "conv" else same)]
+                m[f"transformer.h.{i}.{ours}.bias"] = [(f"h.{i}.{ours}.bias", same)]
+        m["transformer.ln_f.weight"], m["transformer.ln_f.bias"] = [("ln_f.weight", same)], [("ln_f.bias", same)]
+        return m
+    hf = fmt == "hf"
+    m["transformer.wte.weight"] = [("model.embed_tokens.weight" if hf else "token_embd.weight", same)]
+    for i in range(cfg.n_layer):
+        a, g = f"model.layers.{i}.self_attn.", f"blk.{i}."
+        h = f"transformer.h.{i}."
+        uq = unperm(cfg.n_head) if cfg.arch == "llama" and not hf else same
+        uk = unperm(cfg.n_kv_head) if cfg.arch == "llama" and not hf else same
+        m[h + "ln_1.weight"] = [(f"model.layers.{i}.input_layernorm.weight" if hf else g + "attn_norm.weight", same)]
+        m[h + "attn.c_attn.weight"] = [(a + "q_proj.weight", same), (a + "k_proj.weight", same), (a + "v_proj.weight", same)] if hf \
+            else [(g + "attn_q.weight", uq), (g + "attn_k.weight", uk), (g + "attn_v.weight", same)]
+        if cfg.qkv_bias:
+            m[h + "attn.c_attn.bias"] = [(a + "q_proj.bias", same), (a + "k_proj.bias", same), (a + "v_proj.bias", same)] if hf \
+                else [(g + "attn_q.bias", same), (g + "attn_k.bias", same), (g + "attn_v.bias", same)]
+        m[h + "attn.c_proj.weight"] = [(a + "o_proj.weight" if hf else g + "attn_output.weight", same)]
+        m[h + "ln_2.weight"] = [(f"model.layers.{i}.post_attention_layernorm.weight" if hf else g + "ffn_norm.weight", same)]
+        mlp = f"model.layers.{i}.mlp."
+        m[h + "mlp.c_fc.weight"] = [(mlp + "gate_proj.weight", same), (mlp + "up_proj.weight", same)] if hf \
+            else [(g + "ffn_gate.weight", same), (g + "ffn_up.weight", same)]
+        m[h + "mlp.c_proj.weight"] = [(mlp + "down_proj.weight" if hf else g + "ffn_down.weight", same)]
+    m["transformer.ln_f.weight"] = [("model.norm.weight" if hf else "output_norm.weight", same)]
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = [("lm_head.weight" if hf else "output.weight", same)]
+    return m
+
+
+IGNORED_TENSORS = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$|^rope_freqs\.weight$")
+
+
+def _load_weights(model, get, names, where, fmt):
+    """Copy every parameter from the checkpoint, checking each name and shape; `get(name)` returns
+    a tensor, `names` is every tensor the checkpoint holds."""
+    params = dict(model.named_parameters())
+    used = set()
+    for ours, parts in weight_sources(model.config, fmt).items():
+        for name, _ in parts:
+            if name not in names:
+                raise ValueError(f"{where}: missing tensor {name!r} (for {ours})")
+        ts = [(f(get(n)) if f else get(n)) for n, f in parts]
+        t = ts[0] if len(ts) == 1 else torch.cat(ts, 0)
+        if tuple(t.shape) != tuple(params[ours].shape):
+            got = ", ".join(f"{n} {tuple(x.shape)}" for (n, _), x in zip(parts, ts))
+            raise ValueError(f"{where}: wrong shape: {got}; the config gives {tuple(params[ours].shape)} for {ours}")
+        with torch.no_grad():
+            params[ours].copy_(t)
+        used |= {n for n, _ in parts}
+    tied_head = {"lm_head.weight", "output.weight"} if model.config.tie_embeddings else set()
+    extra = sorted(n for n in names if n not in used and n not in tied_head and not IGNORED_TENSORS.search(n))
+    if extra:
+        raise ValueError(f"{where}: unexpected tensors the config does not use: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+
+
+def hf_state_dict(model):
+    """Our parameters under their Hugging Face names, split back where we stacked them."""
+    cfg, params, out = model.config, dict(model.named_parameters()), {}
+    qkv = [cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim]
+    for ours, parts in weight_sources(cfg, "hf").items():
+        t = params[ours].detach()
+        sizes = qkv if len(parts) == 3 else [cfg.ffn_dim, cfg.ffn_dim] if len(parts) == 2 else [t.shape[0]]
+        for (name, f), piece in zip(parts, t.split(sizes, 0)):
+            out[("transformer." if cfg.arch == "gpt2" else "") + name] = (f(piece) if f else piece).contiguous()
+    return out
+
+
+def resolve_checkpoint(name_or_path):
+    """A local directory or .gguf file as it is; otherwise a hub id (org/name), downloaded once."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if p.is_dir() or p.suffix == ".gguf":
+            return p
+        raise ValueError(f"{p}: not a checkpoint directory or a .gguf file")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
+        return hub_download(str(name_or_path))
+    raise FileNotFoundError(f"{name_or_path}: no such checkpoint directory or .gguf file")
+
+
+def load_pretrained(name_or_path, dtype=torch.float32):
+    """GPT from a Hugging Face directory (config.json + safetensors, sharded or not), a hub id or a
+    .gguf file. Every weight name is mapped explicitly and every shape checked."""
+    path = resolve_checkpoint(name_or_path)
+    if path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    cfg = config_from_hf(_read_json(cfg_path), str(cfg_path))
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(_read_json(index)["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    tensors = {}
+    for f in files:
+        if not (path / f).exists():
+            raise FileNotFoundError(f"{path / f}: shard listed in {index.name} is missing")
+        tensors.update(read_safetensors(path / f))
+    if cfg.arch == "gpt2":  # GPT-2 checkpoints come with or without the "transformer." prefix
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    return _build(cfg, lambda n: tensors[n], set(tensors), str(path), "hf", dtype)
+
+
+def _build(cfg, get, names, where, fmt, dtype):
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    if cfg.tie_embeddings:  # to_empty gives the two modules separate tensors: tie them again
+        model.lm_head.weight = model.transformer.wte.weight
+    model.inv_freq = rope_inv_freq(cfg)
+    _load_weights(model, get, names, where, fmt)
+    return model
+
+
+def save_pretrained(model, out_dir, tokenizer=None, state=None):
+    """Write config.json, model.safetensors and the tokenizer files (and `state`, the training state,
+    as trainer_state.pt) in the Hugging Face layout. Every file is written under a temporary name
+    first and renamed into place only when all are complete, so an earlier checkpoint in out_dir
+    survives a crash or a full disk."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = lambda name: out / f".{name}.tmp{os.getpid()}"
+    files = {"config.json": json.dumps(config_to_hf(model.config), indent=2)}
+    if tokenizer is not None:
+        files.update(tokenizer.save_files())
+    written = []
+    try:
+        write_safetensors(tmp("model.safetensors"), hf_state_dict(model), {"format": "pt"})
+        written.append("model.safetensors")
+        if state is not None:
+            torch.save(state, tmp("trainer_state.pt"))
+            written.append("trainer_state.pt")
+        for name, text in files.items():
+            tmp(name).write_text(text, encoding="utf-8")
+            written.append(name)
+    except BaseException:
+        for name in written + ["model.safetensors", "trainer_state.pt"]:
+            tmp(name).unlink(missing_ok=True)
+        raise
+    for name in written:
+        os.replace(tmp(name), out / name)
+
+
+GPT.from_pretrained = staticmethod(load_pretrained)
+GPT.save_pretrained = save_pretrained
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub download with the standard library (HF_HOME, HF_ENDPOINT, HF_TOKEN honoured)
+
+
+def hub_download(repo_id, revision="main"):
+    """Download a model's config, safetensors (sharded or not) and tokenizer files once into
+    $HF_HOME/model.py/<org>--<name>/<revision>/ and return that directory."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    dest = home / "model.py" / repo_id.replace("/", "--") / revision
+    dest.mkdir(parents=True, exist_ok=True)
+    token = os.environ.get("HF_TOKEN")
+
+    def fetch(name, required=True):
+        target = dest / name
+        if target.exists():
+            return True
+        url = f"{endpoint}/{repo_id}/resolve/{revision}/{urllib.parse.quote(name)}"
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                part = target.with_name(f".{name}.part{os.getpid()}")
+                with open(part, "wb") as f:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                os.replace(part, target)
+            return True
+        except urllib.error.HTTPError as e:
+            if e.code == 404 and not required:
+                return False
+            hint = " (set HF_TOKEN for a gated or private model)" if e.code in (401, 403) else ""
+            raise OSError(f"{repo_id}: cannot download {url}: HTTP {e.code}{hint}") from None
+        except urllib.error.URLError as e:
+            raise OSError(f"{repo_id}: cannot download {url}: {e.reason} (no network? set HF_ENDPOINT, or pass a local path)") from None
+
+    fetch("config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        fetch(name, required=False)
+    if fetch("model.safetensors.index.json", required=False):
+        for shard in sorted(set(_read_json(dest / "model.safetensors.index.json")["weight_map"].values())):
+            fetch(shard)
+    else:
+        fetch("model.safetensors")
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF (llama.cpp): a header of metadata and tensor records, then aligned tensor data
+
+# ggml type id -> (name, elements per block, bytes per block)
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+              7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+              12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+              16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
+              20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
+              24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
+              29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66)}
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class GGUFFile:
+    """Metadata and tensors of a .gguf file (versions 2 and 3), memory-mapped read-only."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+        self.pos = 0
+        try:
+            if bytes(self.buf[:4]) != b"GGUF":
+                raise ValueError(f"{self.path}: not a GGUF file (bad magic {bytes(self.buf[:4])!r})")
+            self.pos = 4
+            version = self._scalar(4)
+            if version not in (2, 3):
+                raise ValueError(f"{self.path}: GGUF version {version} is not supported (2, 3)")
+            n_tensors, n_kv = self._scalar(10), self._scalar(10)
+            self.metadata = {}
+            for _ in range(n_kv):
+                key = self._string()
+                self.metadata[key] = self._value(self._scalar(4))
+            self.tensors = {}
+            for _ in range(n_tensors):
+                name = self._string()
+                dims = [self._scalar(10) for _ in range(self._scalar(4))]
+                self.tensors[name] = (dims, self._scalar(4), self._scalar(10))
+        except (struct.error, IndexError, UnicodeDecodeError):
+            raise ValueError(f"{self.path}: truncated or corrupt GGUF header (at byte {self.pos})") from None
+        align = self.metadata.get("general.alignment", 32)
+        self.data_start = (self.pos + align - 1) // align * align
+
+    def _scalar(self, t):
+        fmt = _GGUF_SCALARS[t]
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def _string(self):
+        n = self._scalar(10)
+        if self.pos + n > self.size:
+            raise IndexError
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+        self.pos += n
+        return s
+
+    def _value(self, t):
+        if t == 8:
+            return self._string()
+        if t == 9:
+            item, n = self._scalar(4), self._scalar(10)
+            if item in _GGUF_SCALARS and item != 7:  # numeric arrays in one read
+                fmt = _GGUF_SCALARS[item]
+                arr = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=n, offset=self.pos)
+                self.pos += n * arr.itemsize
+                return arr.tolist()
+            return [self._value(item) for _ in range(n)]
+        if t not in _GGUF_SCALARS:
+            raise ValueError(f"{self.path}: unknown GGUF metadata type {t}")
+        return self._scalar(t)
+
+    def tensor(self, name):
+        """The tensor dequantized to float32, in PyTorch's (rows, columns) order."""
+        dims, t, offset = self.tensors[name]
+        kind, block, block_bytes = GGML_TYPES.get(t, (f"type {t}", 1, 0))
+        n = math.prod(dims)
+        nbytes = n // block * block_bytes
+        start = self.data_start + offset
+        if start + nbytes > self.size:
+            raise ValueError(f"{self.path}: truncated: tensor {name} needs bytes up to {start + nbytes}, the file has {self.size}")
+        raw = np.frombuffer(self.buf, dtype=np.uint8, count=nbytes, offset=start)
+        return torch.from_numpy(dequantize(raw, t, n, f"{self.path}: tensor {name}").reshape(dims[::-1]))
+
+
+def dequantize(raw, t, n, where):
+    """Bytes of ggml type t -> n float32 values. F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+    Q5_K and Q6_K here; other types through the `gguf` package when it is installed."""
+    kind = GGML_TYPES.get(t, (f"type {t}",))[0]
+    f16 = lambda b: np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+    if kind == "F32":
+        return raw.view(np.float32).copy()
+    if kind == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if kind == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if kind == "Q8_0":  # d (f16), 32 x int8
+        b = raw.reshape(-1, 34)
+        return (f16(b[:, :2]) * b[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # d [, m] [, 32 high bits], 16 bytes of nibbles (low: 0-15, high: 16-31)
+        has_m, five = kind.endswith("_1"), kind.startswith("Q5")
+        b = raw.reshape(-1, GGML_TYPES[t][2])
+        d = f16(b[:, :2])
+        m = f16(b[:, 2:4]) if has_m else 0.0
+        o = 4 if has_m else 2
+        q = b[:, o + 4 * five:]
+        q = np.concatenate([q & 15, q >> 4], axis=1).astype(np.int32)
+        if five:
+            qh = np.ascontiguousarray(b[:, o:o + 4]).view(np.uint32)  # (blocks, 1)
+            q |= ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32) << 4
+        offset = 0 if has_m else (16 if five else 8)
+        return (d * (q - offset) + m).astype(np.float32).reshape(-1)
+    if kind in ("Q4_K", "Q5_K"):  # d, dmin, 12 bytes of 6-bit scales and mins, [32 bytes high bits], 128 bytes nibbles
+        b = raw.reshape(-1, GGML_TYPES[t][2])
+        d, dmin, s = f16(b[:, :2]), f16(b[:, 2:4]), b[:, 4:16].astype(np.int32)
+        sc = np.concatenate([s[:, :4] & 63, (s[:, 8:] & 15) | ((s[:, :4] >> 6) << 4)], axis=1)  # (blocks, 8)
+        mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+        qs = b[:, -128:].reshape(-1, 4, 32).astype(np.int32)
+        q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 8, 32)  # sub-block 2i: low nibbles, 2i+1: high
+        if kind == "Q5_K":
+            qh = b[:, 16:48].astype(np.int32)[:, None, :]  # bit j of qh[l] is the 5th bit of sub-block j
+            q = q + (((qh >> np.arange(8)[None, :, None]) & 1) << 4)
+        return (d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * mn[:, :, None]).astype(np.float32).reshape(-1)
+    if kind == "Q6_K":  # 128 bytes low 4 bits, 64 bytes high 2 bits, 16 int8 scales, d
+        b = raw.reshape(-1, 210)
+        ql, qh = b[:, :128].reshape(-1, 2, 64).astype(np.int32), b[:, 128:192].reshape(-1, 2, 32).astype(np.int32)
+        sc, d = b[:, 192:208].view(np.int8).astype(np.float32).reshape(-1, 2, 4, 2), f16(b[:, 208:210])
+        lo, hi = ql[:, :, :32], ql[:, :, 32:]
+        q = np.stack([(lo & 15) | ((qh & 3) << 4), (hi & 15) | (((qh >> 2) & 3) << 4),
+                      (lo >> 4) | (((qh >> 4) & 3) << 4), (hi >> 4) | (((qh >> 6) & 3) << 4)], axis=2) - 32  # (blocks, 2, 4, 32)
+        return (d[:, :, None, None, None] * sc[..., None] * q.reshape(-1, 2, 4, 2, 16)).astype(np.float32).reshape(-1)
+    try:
+        from gguf.quants import dequantize as gguf_dequantize
+        from gguf import GGMLQuantizationType
+    except ImportError:
+        raise ValueError(f"{where}: quantization {kind} is not supported by model.py; `pip install gguf` adds it") from None
+    try:
+        return gguf_dequantize(raw.reshape(1, -1), GGMLQuantizationType(t)).astype(np.float32).reshape(-1)[:n]
+    except (NotImplementedError, ValueError) as e:
+        raise ValueError(f"{where}: quantization {kind} is not supported ({e})") from None
+
+
+def _load_gguf(path, dtype):
+    g = GGUFFile(path)
+    meta, where = g.metadata, str(path)
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
+    key = lambda k, default=None: meta.get(f"{arch}.{k}", default)
+    n_embd, n_head = key("embedding_length"), key("attention.head_count")
+    head_dim = key("attention.key_length") or n_embd // n_head
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    cfg = GPTConfig(arch=arch, vocab_size=g.tensors["token_embd.weight"][0][1], n_layer=key("block_count"), n_head=n_head,
+                    n_kv_head=key("attention.head_count_kv") or n_head, n_embd=n_embd, head_dim=head_dim,
+                    ffn_dim=key("feed_forward_length"), max_seq_len=key("context_length", 2048),
+                    norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=key("rope.freq_base", 10000.0),
+                    qkv_bias=arch == "qwen2", tie_embeddings="output.weight" not in g.tensors,
+                    bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=[] if eos is None else [eos],
+                    pad_token_id=meta.get("tokenizer.ggml.padding_token_id"))
+    if key("rope.scaling.type") == "linear":
+        cfg.rope_scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+    if "rope_freqs.weight" in g.tensors:  # Llama 3.1+: per-frequency divisors; recover the llama3 parameters
+        cfg.rope_scaling = _llama3_scaling_from_factors(cfg, g.tensor("rope_freqs.weight"), where)
+    return _build(cfg, g.tensor, set(g.tensors), where, "gguf", dtype)
+
+
+def _llama3_scaling_from_factors(cfg, factors, where):
+    base = GPTConfig(**{**asdict(cfg), "rope_scaling": None})
+    for orig in (8192, 4096, 16384, 32768):
+        for lo, hi in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
+            s = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": lo, "high_freq_factor": hi,
+                 "original_max_position_embeddings": orig}
+            scaled = rope_inv_freq(GPTConfig(**{**asdict(cfg), "rope_scaling": s}))
+            if torch.allclose(scaled, rope_inv_freq(base) / factors, rtol=1e-4):
+                return s
+    raise ValueError(f"{where}: rope_freqs.weight does not match Llama-3 rope scaling with any usual parameters")
