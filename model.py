@@ -283,7 +283,7 @@ class GPT(nn.Module):
             raise ValueError(f"generate: prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
                              f"context of {cfg.max_seq_len} tokens")
         gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))  # from the global RNG, not re-seeding it
         idx = torch.full((B, P), pad, dtype=torch.long, device=device)
         valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # keys that are real tokens
         for i, p in enumerate(prompts):
@@ -730,7 +730,8 @@ def config_from_hf(c, where):
     arch = HF_ARCHS.get(archs[0]) or {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2"}.get(archs[0])
     if arch is None:
         raise ValueError(f"{where}: architecture {archs[0]!r} is not supported; model.py loads {', '.join(HF_ARCHS)}")
-    ids = dict(bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id") or [], pad_token_id=c.get("pad_token_id"))
+    eos = c.get("eos_token_id")
+    ids = dict(bos_token_id=c.get("bos_token_id"), eos_token_id=[] if eos is None else eos, pad_token_id=c.get("pad_token_id"))
     if arch == "gpt2":
         if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
             raise ValueError(f"{where}: activation_function {c['activation_function']!r} is not supported (gelu_new)")
@@ -757,13 +758,13 @@ def config_from_hf(c, where):
     return GPTConfig(arch=arch, vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
                      n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"], n_embd=c["hidden_size"],
                      head_dim=c.get("head_dim") or 0, ffn_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-                     qkv_bias=arch == "qwen2", tie_embeddings=c.get("tie_word_embeddings", arch != "llama"),
+                     qkv_bias=arch == "qwen2", tie_embeddings=c.get("tie_word_embeddings", False),
                      norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling, **ids)
 
 
 def config_to_hf(cfg):
-    eos = cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else list(cfg.eos_token_id)
-    ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=eos or None, pad_token_id=cfg.pad_token_id, torch_dtype="float32")
+    eos = cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else (list(cfg.eos_token_id) or None)
+    ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id, torch_dtype="float32")
     if cfg.arch == "gpt2":
         return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                     n_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=cfg.ffn_dim, n_positions=cfg.max_seq_len, n_ctx=cfg.max_seq_len,
@@ -938,6 +939,13 @@ def save_pretrained(model, out_dir, tokenizer=None, state=None):
         raise
     for name in written:
         os.replace(tmp(name), out / name)
+    if state is None:  # a training state left from an earlier save would not match these weights
+        (out / "trainer_state.pt").unlink(missing_ok=True)
+    index = out / "model.safetensors.index.json"
+    if index.exists():  # an earlier sharded checkpoint here would shadow the new weights
+        for shard in set(_read_json(index)["weight_map"].values()):
+            (out / shard).unlink(missing_ok=True)
+        index.unlink()
 
 
 GPT.from_pretrained = staticmethod(load_pretrained)
@@ -955,6 +963,9 @@ def hub_download(repo_id, revision="main"):
     home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     dest = home / "model.py" / repo_id.replace("/", "--") / revision
     dest.mkdir(parents=True, exist_ok=True)
+    complete = dest / ".complete"
+    if complete.exists():  # downloaded before: no network needed
+        return dest
     token = os.environ.get("HF_TOKEN")
 
     def fetch(name, required=True):
@@ -987,6 +998,7 @@ def hub_download(repo_id, revision="main"):
             fetch(shard)
     else:
         fetch("model.safetensors")
+    complete.touch()
     return dest
 
 
@@ -1056,6 +1068,8 @@ class GGUFFile:
             item, n = self._scalar(4), self._scalar(10)
             if item in _GGUF_SCALARS and item != 7:  # numeric arrays in one read
                 fmt = _GGUF_SCALARS[item]
+                if self.pos + n * struct.calcsize(fmt) > self.size:
+                    raise IndexError
                 arr = np.frombuffer(self.buf, dtype=np.dtype(fmt), count=n, offset=self.pos)
                 self.pos += n * arr.itemsize
                 return arr.tolist()
