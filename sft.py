@@ -69,11 +69,11 @@ class Args:
     """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
     device: str = "auto"
     """auto | cpu | cuda"""
-    steps: int = 400
+    steps: int = 1000
     """optimizer steps"""
-    batch_size: int = 32
+    batch_size: int = 16
     """sequences per optimizer step, over all ranks"""
-    micro_batch_size: int = 32
+    micro_batch_size: int = 16
     """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
     lr: float = 3e-3
     """peak learning rate"""
@@ -85,9 +85,9 @@ class Args:
     """clip the gradient norm to this (0: no clipping)"""
     max_new_tokens: int = 64
     """generation budget of one completion"""
-    eval_every: int = 100
+    eval_every: int = 250
     """evaluate every this many steps (0: only before and after)"""
-    save_every: int = 100
+    save_every: int = 250
     """checkpoint every this many steps (and at the end)"""
     resume: bool = False
     """continue runs/<run-name> from its last checkpoint"""
@@ -335,6 +335,17 @@ def start_run(args, rank):
     return run_dir, step
 
 
+def batch_indices(step, batch_size, n, seed):
+    """The examples of optimizer step `step`: consecutive slices of a seeded permutation per epoch."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset:offset + batch_size - len(out)].tolist()
+        out, pos = out + take, pos + len(take)
+    return out
+
+
 def check_finite(loss, step, run_dir):
     if not math.isfinite(loss):
         raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
@@ -349,17 +360,6 @@ def sft_loss(logp, mask, n_tokens):
     """logp (B, T) log-probs of the targets, mask (B, T) 1 on completion tokens; n_tokens is the number
     of completion tokens in the whole optimizer step. Returns this micro-batch's share of the mean NLL."""
     return -(logp * mask).sum() / n_tokens
-
-
-def batch_indices(step, batch_size, n, seed):
-    """The examples of optimizer step `step`: consecutive slices of a seeded permutation per epoch."""
-    out, pos = [], step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = perm[offset:offset + batch_size - len(out)].tolist()
-        out, pos = out + take, pos + len(take)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,3 +75,21 @@ def tiny_gpt2():
                       eos_token_id=[88], pad_token_id=87)
     torch.manual_seed(0)
     return randomize_(M.GPT(cfg), seed=2).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A small random byte-level Llama checkpoint saved in the Hugging Face layout: the starting point
+    of the RL and preference scripts' smoke runs (their default, runs/sft, is not there in tests)."""
+    import model as M
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    M.GPT(M.tiny_config(n_layer=2, n_embd=64, ffn_dim=128)).save_pretrained(path, M.Tokenizer.byte_level())
+    return path
+
+
+def run_script(module, monkeypatch, tmp_path, *argv):
+    """Run a script's main() in-process with these flags, in tmp_path (where it writes runs/)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *argv])
+    module.main()
