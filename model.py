@@ -75,8 +75,9 @@ class GPTConfig:
 
 
 def tiny_config(**overrides):
-    """The `tiny` preset: a Llama-style model of ~3M parameters over the byte-level tokenizer
-    (256 bytes + <|endoftext|> + <|pad|>) that trains from scratch on a laptop CPU in minutes."""
+    """The `tiny` preset: a Llama-style model of 0.9M parameters over the byte-level tokenizer
+    (256 bytes + <|endoftext|> + <|pad|>) that trains from scratch on a laptop CPU in minutes. (A 2.7M
+    variant learned the built-in task no faster per step and ran 1.6x slower per step on 2 cores.)"""
     cfg = dict(arch="llama", vocab_size=258, n_layer=4, n_head=4, n_kv_head=4, n_embd=128, ffn_dim=384,
                max_seq_len=512, tie_embeddings=True, bos_token_id=None, eos_token_id=[256], pad_token_id=257)
     cfg.update(overrides)
