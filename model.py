@@ -356,7 +356,8 @@ class _TokenLogprobs(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             w = weight.to(mm)
             for s in range(0, N, rows):
-                z = (hidden[s:s + rows].to(mm) @ w.T).to(acc).div_(temperature)  # (n, V)
+                h = hidden[s:s + rows].to(mm)
+                z = ((h if temperature == 1 else h / temperature) @ w.T).to(acc)  # (n, V) logits / T
                 lse[s:s + rows] = m = torch.logsumexp(z, dim=-1)
                 logp[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - m
                 if want_entropy:  # H = lse - sum_v p_v z_v
@@ -378,17 +379,17 @@ class _TokenLogprobs(torch.autograd.Function):
             w = weight.to(mm)
             for s in range(0, hidden.shape[0], rows):
                 h = hidden[s:s + rows].to(mm)
-                z = (h @ w.T).to(acc).div_(T)  # recomputed (n, V)
+                h = h if T == 1 else h / T  # the temperature on the (n, d) side: cheaper than on (n, V)
+                z = (h @ w.T).to(acc)  # recomputed (n, V)
                 m, g = lse[s:s + rows, None], g_logp[s:s + rows, None].to(acc)
                 if use_ent:  # dH/dz_v = -p_v (z_v - lse + H) = -p_v (z_v - sum_u p_u z_u)
                     p = (z - m).exp_()  # softmax
                     dz = p * -g - g_ent[s:s + rows, None].to(acc) * p * (z - (p * z).sum(-1, keepdim=True))
                 else:
                     dz = z.sub_(m).exp_().mul_(-g)  # d logp / dz = onehot - p, in place
-                dz.scatter_add_(1, targets[s:s + rows, None], g)
-                dz = dz.div_(T).to(mm)
+                dz = dz.scatter_add_(1, targets[s:s + rows, None], g).to(mm)  # d(loss)/d(logits / T)
                 if grad_h is not None:
-                    grad_h[s:s + rows] = (dz @ w).to(hidden.dtype)
+                    grad_h[s:s + rows] = ((dz @ w) / T).to(hidden.dtype)
                 if grad_w is not None:
                     grad_w.addmm_(dz.T, h) if mm == acc else grad_w.add_(dz.T @ h)
         return grad_h, (None if grad_w is None else grad_w.to(weight.dtype)), None, None, None, None
