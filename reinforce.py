@@ -130,21 +130,20 @@ def parse_args(cls=Args):
 
 NAMES = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Leo", "Mia", "Ned", "Oli",
          "Pam", "Ray", "Sam", "Tom", "Uma", "Val", "Wes", "Zoe"]
-ITEMS = ["apples", "books", "coins", "cards", "eggs", "pens", "shells", "stamps", "marbles", "stickers"]
+ITEMS = ["pens", "eggs", "cards", "coins", "books", "cups", "hats", "toys", "keys", "maps"]
 
 
 def arith_problem(rng):
     """One `arith` word problem: add or subtract two-digit numbers, worked by place value."""
     name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(10, 99), rng.randint(10, 99)
-    ta, ua, tb, ub = a // 10 * 10, a % 10, b // 10 * 10, b % 10
     if rng.random() < 0.5:
-        q = f"{name} has {a} {item} and gets {b} more. How many {item} now?"
-        work, ans = f"{a} + {b} = {ta} + {tb} + {ua} + {ub} = {ta + tb} + {ua + ub} = {a + b}", a + b
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gets {b} more. How many now?", divmod(a, 10), divmod(b, 10)
+        work, ans = f"{ta}0 + {tb}0 + {ua} + {ub} = {ta + tb}0 + {ua + ub} = {a + b}", a + b
     else:
-        (a, ua, ta), (b, ub, tb) = sorted([(a, ua, ta), (b, ub, tb)], reverse=True)
-        q = f"{name} has {a} {item} and gives away {b}. How many {item} now?"
+        a, b = max(a, b), min(a, b)
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gives away {b}. How many now?", divmod(a, 10), divmod(b, 10)
         units = f"+ {ua - ub}" if ua >= ub else f"- {ub - ua}"
-        work, ans = f"{a} - {b} = {ta} - {tb} + {ua} - {ub} = {ta - tb} {units} = {a - b}", a - b
+        work, ans = f"{ta}0 - {tb}0 + {ua} - {ub} = {ta - tb}0 {units} = {a - b}", a - b
     return {"prompt": q, "completion": f"{work}\n#### {ans}", "answer": str(ans)}
 
 

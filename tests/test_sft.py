@@ -2,6 +2,7 @@
 resume and torchrun, and a smoke run of the script itself."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,8 +73,8 @@ def test_arith_deterministic_and_disjoint():
     for ex in a_train[:200] + a_eval[:200]:  # the worked answer ends in the reference and scores 1
         assert sft.final_answer(ex["completion"]) == ex["answer"]
         assert sft.reward_fn(ex["completion"], ex) == 1.0
-        a, op, b = ex["completion"].split(" = ")[0].split()  # "47 + 38": the question's numbers
-        assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(ex["answer"])
+        a, b = map(int, re.findall(r"\d+", ex["prompt"]))  # the question's two numbers
+        assert (a + b if "gets" in ex["prompt"] else a - b) == int(ex["answer"]) >= 0
 
 
 def test_score_strict_lenient_format():
@@ -117,7 +118,7 @@ def test_help_lists_every_field():
     out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--help"], capture_output=True, text=True, check=True).stdout
     for f in sft.Args.__dataclass_fields__:
         assert "--" + f.replace("_", "-") in out
-    assert "micro-batch" in out and "(default: 32)" in out
+    assert "micro-batch" in out and "(default: 16)" in out
 
 
 def test_smoke_and_resume_equals_uninterrupted(monkeypatch, tmp_path):
