@@ -73,13 +73,13 @@ class Args:
     """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
     device: str = "auto"
     """auto | cpu | cuda"""
-    steps: int = 200
+    steps: int = 100
     """optimizer steps"""
     batch_size: int = 16
     """prompts per optimizer step, over all ranks (each with --group-size completions)"""
     micro_batch_size: int = 64
     """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
-    lr: float = 3e-4
+    lr: float = 1e-4
     """peak learning rate"""
     warmup_steps: int = 5
     """linear warmup steps, then cosine decay to 10 % of --lr"""
@@ -199,7 +199,7 @@ def load_task(args):
     if args.task == "jsonl":
         if not args.data_path:
             raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
-        rows = [{"prompt": r["prompt"], "completion": r["completion"], "answer": final_answer(r["completion"]) or r["completion"].strip()}
+        rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
                 for r in read_jsonl(args.data_path, ["prompt", "completion"])]
         return rows[:-args.eval_size], rows[-args.eval_size:]
     raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
@@ -314,8 +314,9 @@ def lr_at(step, args):
 
 
 @torch.no_grad()
-def evaluate(model, tok, examples, args, amp):
-    """Greedy completions of held-out examples (split over ranks), scored by the training reward."""
+def evaluate(model, tok, examples, args, amp, keep=None):
+    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
+    list `keep`, this rank's (example, completion text) pairs are appended to it."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine, totals = examples[rank::world], np.zeros(4)
     for i in range(0, len(mine), 256):
@@ -327,6 +328,8 @@ def evaluate(model, tok, examples, args, amp):
             text = tok.decode(o[:n])
             s = score(text, ex)
             totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+            if keep is not None:
+                keep.append((ex, text))
     totals = all_sum(*totals)
     return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
 

@@ -1,0 +1,697 @@
+"""
+dpo.py: Direct Preference Optimization (DPO) from preference pairs, with a frozen reference model.
+
+Rafailov et al. 2023 (arXiv 2305.18290); the exposition follows Patel, arXiv 2509.04501. Given pairs
+of a prompt x, a preferred completion y_w and a dispreferred one y_l, train the policy π_θ directly as
+the implicit reward model r(x,y) = β log π_θ(y|x)/π_ref(y|x) of a Bradley-Terry preference:
+
+    L(θ) = − E_{(x,y_w,y_l)} log σ( β log π_θ(y_w|x)/π_ref(y_w|x) − β log π_θ(y_l|x)/π_ref(y_l|x) )
+
+Choices made here where the literature differs:
+  1. Pairs (--task). arith (default) and gsm8k: built from the task by sampling the starting model:
+     --group-size k completions of each prompt (temperature --temperature, --max-new-tokens, the seeds
+     fixed by --seed and the prompt's chunk), each scored by reward_fn; chosen = a random one of those
+     with the highest reward, rejected = a random one of those with the lowest, both drawn by one
+     random.Random(f"pairs-{seed}") in prompt order; a prompt whose k rewards are all equal gives no
+     pair (counted and logged as data/skipped_*). Training pairs come from the --train-size training
+     prompts, held-out pairs from the --eval-size eval prompts, never trained on. hh: Anthropic
+     HH-RLHF {"chosen", "rejected"} dialogues; the prompt is the text up to and including the last
+     "\n\nAssistant:" (it must be the same in both, else the pair is skipped and counted), the
+     completions the final assistant turns; fed as raw text for every model (no chat template), each
+     completion + EOS. jsonl: {"prompt", "chosen", "rejected"} lines, prompts laid out as in sft.py.
+     hh and jsonl hold out the last --eval-size pairs. A pair longer than --max-len tokens is cut: each
+     completion to its first --max-len / 2 tokens, then the prompt from the left (the last turns survive).
+  2. The reference is the starting model. Its summed log-probs of every chosen and rejected completion
+     are computed once before training (no grad, micro-batched) and kept; the model is then freed.
+  3. Loss (--loss), with h = log π_θ/π_ref(y_w) − log π_θ/π_ref(y_l): sigmoid (DPO; --label-smoothing
+     ε > 0 is conservative DPO, the labels taken as flipped with probability ε); robust (rDPO,
+     Chowdhury et al. 2024, arXiv 2403.00409: unbiased under flips at rate ε); ipo ((h − 1/(2β))²,
+     Azar et al. 2023, arXiv 2310.12036); hinge (max(0, 1 − βh), SLiC). --rpo-alpha adds α times the
+     NLL of the chosen completions (RPO, Pang et al. 2024, arXiv 2404.19733), against the fall of the
+     chosen log-probs; --length-norm divides each log-ratio by the completion's length in tokens.
+  4. Aggregation: the pairwise loss is a mean over the pairs of the optimizer step (a global
+     normaliser over micro-batches and ranks); the NLL term is token-weighted over every chosen token
+     of the step, sft.py's loss.
+  5. Offline: the pairs are fixed for the whole run and visited in a seeded permutation per epoch.
+  6. Logged: implicit rewards β·log π_θ/π_ref of chosen and rejected, their margin, preference
+     accuracy (margin > 0, a tie counts 1/2, so the starting model scores exactly 0.5), the policy's
+     summed log-probs of chosen and rejected and how often it alone prefers the chosen (logp_accuracy);
+     the same on the held-out pairs, and held-out task accuracy (greedy) where the task has a reward.
+  7. Under torchrun the sampling and the reference pass are split over ranks and gathered; the update
+     is data parallel as in sft.py.
+
+Run:
+  python sft.py && python dpo.py                                         # tiny model, `arith`, CPU
+  python dpo.py --task hh --eval-size 300 --max-len 256 --steps 150      # HH-RLHF pairs, tiny model, CPU
+  python dpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task hh --eval-size 500 --lr 5e-7 \\
+      --beta 0.1 --batch-size 64 --micro-batch-size 8 --steps 300 --max-len 1024    # one GPU, bf16
+  torchrun --nproc_per_node=2 dpo.py                                     # data parallel
+"""
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import gzip
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import GPT, Tokenizer, tiny_config
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"
+    """starting checkpoint (and reference): a Hugging Face directory, a hub id or a .gguf file"""
+    task: str = "arith"
+    """arith (built in) | gsm8k: pairs sampled from the starting model | hh | jsonl: pairs read from a file"""
+    data_path: str = ""
+    """gsm8k: directory or URL prefix with train.jsonl and test.jsonl (default ../shared/data/gsm8k);
+    hh: an HH-RLHF file or URL (default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz);
+    jsonl: a file or URL of {"prompt", "chosen", "rejected"} lines; hh and jsonl: the last --eval-size held out"""
+    train_size: int = 2000
+    """arith: number of training prompts (each sampled --group-size times to make a pair)"""
+    eval_size: int = 500
+    """held-out prompts (arith, gsm8k: scored greedy, and sampled for held-out pairs) or pairs (hh, jsonl)"""
+    run_name: str = ""
+    """output directory runs/<run-name> (default: the script's name)"""
+    seed: int = 0
+    """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 32
+    """pairs per optimizer step, over all ranks (also: prompts per sampling call when building pairs)"""
+    micro_batch_size: int = 32
+    """pairs (two sequences each) per forward/backward on one rank (gradient accumulation when smaller)"""
+    lr: float = 1e-4
+    """peak learning rate"""
+    warmup_steps: int = 10
+    """linear warmup steps, then cosine decay to 10 % of --lr"""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the matrices"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: no clipping)"""
+    max_new_tokens: int = 64
+    """generation budget of one completion"""
+    eval_every: int = 50
+    """evaluate every this many steps (0: only before and after)"""
+    save_every: int = 100
+    """checkpoint every this many steps (and at the end)"""
+    resume: bool = False
+    """continue runs/<run-name> from its last checkpoint"""
+    # DPO
+    beta: float = 0.1
+    """β: the strength of the implicit KL to the reference (IPO: τ)"""
+    loss: str = "sigmoid"
+    """sigmoid (DPO) | robust (rDPO) | ipo | hinge"""
+    label_smoothing: float = 0.0
+    """ε: the assumed rate of flipped labels (sigmoid: conservative DPO; robust: rDPO); 0: plain DPO"""
+    rpo_alpha: float = 0.0
+    """weight of the NLL of the chosen completions added to the loss (RPO); 0: off"""
+    length_norm: bool = False
+    """divide each log-ratio by its completion's length in tokens"""
+    max_len: int = 0
+    """hh, jsonl: tokens of prompt + longer completion kept (0: the model's context); see choice 1"""
+    group_size: int = 8
+    """k: completions sampled per prompt"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts"""
+    top_p: float = 1.0
+    """nucleus sampling of the rollouts (1: off)"""
+
+
+def parse_args(cls=Args):
+    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), **kind)
+    return cls(**vars(parser.parse_args()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
+
+NAMES = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Leo", "Mia", "Ned", "Oli",
+         "Pam", "Ray", "Sam", "Tom", "Uma", "Val", "Wes", "Zoe"]
+ITEMS = ["pens", "eggs", "cards", "coins", "books", "cups", "hats", "toys", "keys", "maps"]
+
+
+def arith_problem(rng):
+    """One `arith` word problem: add or subtract two-digit numbers, worked by place value."""
+    name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gets {b} more. How many now?", divmod(a, 10), divmod(b, 10)
+        work, ans = f"{ta}0 + {tb}0 + {ua} + {ub} = {ta + tb}0 + {ua + ub} = {a + b}", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gives away {b}. How many now?", divmod(a, 10), divmod(b, 10)
+        units = f"+ {ua - ub}" if ua >= ub else f"- {ub - ua}"
+        work, ans = f"{ta}0 - {tb}0 + {ua} - {ub} = {ta - tb}0 {units} = {a - b}", a - b
+    return {"prompt": q, "completion": f"{work}\n#### {ans}", "answer": str(ans)}
+
+
+def arith_split(n_train, n_eval, seed):
+    """Train and eval problems from separate seeded streams; a train problem equal to an eval one is dropped."""
+    rng = random.Random(f"arith-eval-{seed}")
+    evals = [arith_problem(rng) for _ in range(n_eval)]
+    held_out, rng, train = {e["prompt"] for e in evals}, random.Random(f"arith-train-{seed}"), []
+    while len(train) < n_train:
+        ex = arith_problem(rng)
+        if ex["prompt"] not in held_out:
+            train.append(ex)
+    return train, evals
+
+
+def read_jsonl(path, fields):
+    """Records of a .jsonl (or .jsonl.gz) file or URL; a bad line is an error naming the file and line."""
+    if str(path).startswith(("http://", "https://")):
+        cache = Path.home() / ".cache" / "post-training" / re.sub(r"[^\w.-]", "_", str(path))
+        if not cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            urllib.request.urlretrieve(str(path), cache.with_suffix(".part"))
+            os.replace(cache.with_suffix(".part"), cache)
+        path = cache
+    if not Path(path).exists():
+        raise SystemExit(f"error: {path}: no such data file")
+    rows = []
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{i}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise SystemExit(f"error: {path}:{i}: missing or non-string field {missing[0]!r} (expected {fields})")
+            rows.append(row)
+    return rows
+
+
+def load_task(args):
+    """(train, eval) lists of examples for --task."""
+    if args.task == "arith":
+        return arith_split(args.train_size, args.eval_size, args.seed)
+    if args.task == "gsm8k":
+        root = (args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k")).rstrip("/")
+        splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
+        clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
+        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]), "answer": final_answer(r["answer"]) or ""}
+        return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
+    if args.task == "jsonl":
+        if not args.data_path:
+            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
+        rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
+                for r in read_jsonl(args.data_path, ["prompt", "completion"])]
+        return rows[:-args.eval_size], rows[-args.eval_size:]
+    raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
+
+
+def final_answer(text):
+    """The number on the last '#### N' line, commas dropped; None when there is no such line."""
+    found = re.findall(r"^####\s*(-?[\d,]*\.?\d+)\s*$", text, flags=re.M)
+    return found[-1].replace(",", "") if found else None
+
+
+def score(completion, example):
+    """correct: the '#### N' answer equals the reference (strict); format: such a line exists;
+    lenient: the last number anywhere equals the reference. (jsonl without a number: exact text.)"""
+    got, numbers = final_answer(completion), re.findall(r"-?\d[\d,]*\.?\d*", completion)
+    lenient = bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == example["answer"]
+    correct = got == example["answer"] or completion.strip() == example["answer"]
+    return {"correct": float(correct), "format": float(got is not None), "lenient": float(lenient or correct)}
+
+
+def reward_fn(completion, example):
+    """The reward of one completion: swap in your own here (training and evaluation both call it)."""
+    return score(completion, example)["correct"]
+
+
+def prompt_ids(tok, text):
+    """Chat checkpoints get their chat format; plain ones (`tiny`) a plain Q/A layout."""
+    if tok.chat:
+        return tok.chat_prompt(f"{text}\nEnd with the final answer on its own line as: #### <number>")
+    return tok.chat_prompt(f"Q: {text}\nA: ")
+
+
+def tokenize(examples, tok, max_len, max_new_tokens, where):
+    """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
+    for i, ex in enumerate(examples):
+        ex["prompt_ids"], ex["completion_ids"] = prompt_ids(tok, ex["prompt"]), tok.encode(ex["completion"]) + [tok.eos_id]
+        need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
+        if need > max_len:
+            raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
+                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context of {max_len}")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared machinery: devices and ranks, batches, evaluation, logging, checkpoints
+
+
+def setup(args):
+    """(rank, world, device); under torchrun one process per device, gloo on CPU and NCCL on GPU."""
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    return rank, world, device
+
+
+def all_sum(*values):
+    """Sum numbers over ranks (one all-reduce); returns floats."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def sync_grads(model):
+    """Sum gradients over ranks with one all-reduce of a flat buffer (the losses are already divided
+    by their global normaliser, so the sum is the gradient of the whole batch)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def load_model(name, device):
+    """(model, tokenizer) for `tiny` or a checkpoint; a bad checkpoint is one clear error."""
+    if name == "tiny":
+        return GPT(tiny_config()).to(device), Tokenizer.byte_level()
+    try:
+        return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load {name}: {e}") from None
+
+
+def collate(seqs, loss_masks, pad_id, device):
+    """Right-padded (B, T) inputs, next-token targets and the mask of the targets in the loss."""
+    T = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in loss_masks], device=device)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def make_optimizer(model, args):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, tok, examples, args, amp, keep=None):
+    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
+    list `keep`, this rank's (example, completion text) pairs are appended to it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, totals = examples[rank::world], np.zeros(4)
+    for i in range(0, len(mine), 256):
+        batch = mine[i:i + 256]
+        with amp:
+            out, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
+                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        for ex, o, n in zip(batch, out.tolist(), mask.sum(1).tolist()):
+            text = tok.decode(o[:n])
+            s = score(text, ex)
+            totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+            if keep is not None:
+                keep.append((ex, text))
+    totals = all_sum(*totals)
+    return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+
+
+def log(run_dir, step, metrics, rank):
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+
+
+def start_run(args, rank):
+    """runs/<name>/ with args.json; on --resume, metrics logged after the checkpoint are dropped."""
+    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
+    step = 0
+    if args.resume:
+        if not (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+        step = torch.load(run_dir / "trainer_state.pt", weights_only=True)["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if args.resume and (run_dir / "metrics.jsonl").exists() else []
+        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    return run_dir, step
+
+
+def batch_indices(step, batch_size, n, seed):
+    """The examples of optimizer step `step`: consecutive slices of a seeded permutation per epoch."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset:offset + batch_size - len(out)].tolist()
+        out, pos = out + take, pos + len(take)
+    return out
+
+
+def check_finite(loss, step, run_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
+                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts: sample k completions of each prompt, score them; log-probs of what was sampled
+
+
+@torch.no_grad()
+def rollout(model, tok, examples, args, step, rank, amp):
+    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
+    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
+    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+    prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
+    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    with amp:
+        out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)
+    seqs, masks, rewards, texts, ended = [], [], [], [], []
+    for j, (p, o, n) in enumerate(zip(prompts, out.tolist(), mask.sum(1).tolist())):
+        texts.append(tok.decode(o[:n]))
+        seqs.append(p + o[:n])
+        masks.append([0] * len(p) + [1] * n)
+        rewards.append(reward_fn(texts[-1], examples[j // args.group_size]))
+        ended.append(o[n - 1] in tok.stop_ids)
+    return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch, micro_batch_size, amp):
+    """log π(target) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
+    ids, targets, mask = batch
+    out = []
+    for i in range(0, len(ids), micro_batch_size):
+        with amp:
+            out.append(model(ids[i:i + micro_batch_size], targets[i:i + micro_batch_size], mask=mask[i:i + micro_batch_size]).float())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT: the loss
+
+
+def sft_loss(logp, mask, n_tokens):
+    """logp (B, T) log-probs of the targets, mask (B, T) 1 on completion tokens; n_tokens is the number
+    of completion tokens in the whole optimizer step. Returns this micro-batch's share of the mean NLL."""
+    return -(logp * mask).sum() / n_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# DPO: preference pairs, reference log-probs, the losses
+
+
+def shard_map(fn, items):
+    """[fn(x) for x in items], with the items split over ranks (items[rank::world]) and the results
+    gathered back in order on every rank."""
+    if not dist.is_initialized():
+        return [fn(x) for x in items]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts, out = [None] * world, [None] * len(items)
+    dist.all_gather_object(parts, [fn(x) for x in items[rank::world]])
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def sample_pairs(model, tok, examples, args, amp):
+    """Pairs {"prompt_ids", "chosen_ids", "rejected_ids", "index"} made by sampling `model` (choice 1 of
+    the docstring), --batch-size prompts per call; returns the pairs and the number of prompts skipped."""
+    chunks = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+
+    def sample(c):  # the seed is fixed by the chunk (rank 0 for all): the same pairs on any number of ranks
+        seqs, _, rewards, _, _ = rollout(model, tok, chunks[c], args, c, 0, amp)
+        return list(zip(seqs, rewards.tolist()))
+
+    samples = [s for part in shard_map(sample, list(range(len(chunks)))) for s in part]
+    rng, pairs = random.Random(f"pairs-{args.seed}"), []
+    for i, ex in enumerate(examples):
+        group = samples[i * args.group_size:(i + 1) * args.group_size]  # (sequence, reward) x k
+        hi, lo = max(r for _, r in group), min(r for _, r in group)
+        if hi == lo:
+            continue
+        chosen = rng.choice([s for s, r in group if r == hi])
+        rejected = rng.choice([s for s, r in group if r == lo])
+        n = len(ex["prompt_ids"])
+        pairs.append({"prompt_ids": ex["prompt_ids"], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:], "index": i})
+    return pairs, len(examples) - len(pairs)
+
+
+HH_TURN = "\n\nAssistant:"
+
+
+def split_hh(dialogue):
+    """An HH-RLHF dialogue -> (prompt, completion): the prompt is everything up to and including the last
+    "\n\nAssistant:", the completion the final assistant turn after it; None when there is no such turn."""
+    i = dialogue.rfind(HH_TURN)
+    return None if i < 0 else (dialogue[:i + len(HH_TURN)], dialogue[i + len(HH_TURN):])
+
+
+def read_pairs(args):
+    """Text pairs {"prompt", "chosen", "rejected"} of --task hh or jsonl, and the number of HH pairs skipped
+    because chosen and rejected differ before their last assistant turn."""
+    if args.task == "jsonl":
+        if not args.data_path:
+            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"chosen\", \"rejected\"} lines)")
+        return read_jsonl(args.data_path, ["prompt", "chosen", "rejected"]), 0
+    path = args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
+    rows, pairs = read_jsonl(path, ["chosen", "rejected"]), []
+    for i, row in enumerate(rows, 1):
+        c, r = split_hh(row["chosen"]), split_hh(row["rejected"])
+        if c is None or r is None:
+            raise SystemExit(f"error: {path}: record {i}: the {'chosen' if c is None else 'rejected'} dialogue has "
+                             f"no {HH_TURN!r} turn (expected Anthropic HH-RLHF dialogues)")
+        if c[0] == r[0]:
+            pairs.append({"prompt": c[0], "chosen": c[1], "rejected": r[1]})
+    return pairs, len(rows) - len(pairs)
+
+
+def tokenize_pairs(rows, tok, max_len, raw):
+    """Token ids of text pairs: the prompt as raw text (hh) or as sft.py lays it out (jsonl), each completion
+    + EOS cut to its first max_len // 2 tokens (a cut one loses its EOS), the prompt to its last max_len −
+    (longer completion) tokens (cut from the left: the last turns survive). Returns (pairs, number cut)."""
+    pairs = []
+    for row in rows:
+        p = tok.encode(row["prompt"]) if raw else prompt_ids(tok, row["prompt"])
+        c, r = ((tok.encode(row[k]) + [tok.eos_id])[:max_len // 2] for k in ("chosen", "rejected"))
+        pairs.append({"prompt_ids": p[-(max_len - max(len(c), len(r))):], "chosen_ids": c, "rejected_ids": r})
+    return pairs, sum(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) == max_len for p in pairs)
+
+
+def collate_pairs(pairs, pad_id, device):
+    """The chosen then the rejected sequences of m pairs as one batch (2m, T): inputs, targets, loss mask."""
+    keys = ("chosen_ids", "rejected_ids")
+    return collate([p["prompt_ids"] + p[k] for k in keys for p in pairs],
+                   [[0] * len(p["prompt_ids"]) + [1] * len(p[k]) for k in keys for p in pairs], pad_id, device)
+
+
+@torch.no_grad()
+def pair_logps(model, tok, pairs, args, amp):
+    """Summed log-probs (N, 2) of each pair's chosen and rejected completion, --micro-batch-size pairs at a
+    time, split over ranks."""
+    def chunk(i):
+        batch = collate_pairs(pairs[i:i + args.micro_batch_size], tok.pad_id, model.lm_head.weight.device)
+        return sequence_logprobs(model, batch, 2 * args.micro_batch_size, amp).sum(1).view(2, -1).T.tolist()
+    return torch.tensor([lp for part in shard_map(chunk, list(range(0, len(pairs), args.micro_batch_size))) for lp in part])
+
+
+def log_ratios(pi, ref, lengths, length_norm):
+    """pi, ref (B, 2): summed log-probs of (chosen, rejected) under the policy and the reference; lengths
+    (B, 2) in tokens -> log π/π_ref (B, 2), per token with length_norm."""
+    return (pi - ref) / lengths if length_norm else pi - ref
+
+
+def dpo_loss(ratios, beta, kind="sigmoid", eps=0.0):
+    """ratios (B, 2): log π/π_ref of (chosen, rejected) -> the loss of each pair (B,), h = chosen − rejected:
+        sigmoid  −(1−ε) log σ(βh) − ε log σ(−βh)             (DPO; ε > 0: conservative DPO)
+        robust   (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1−2ε)   (rDPO)
+        ipo      (h − 1/(2β))²
+        hinge    max(0, 1 − βh)"""
+    h = ratios[:, 0] - ratios[:, 1]
+    logsig = torch.nn.functional.logsigmoid
+    if kind == "sigmoid":
+        return -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h)
+    if kind == "robust":
+        return (-(1 - eps) * logsig(beta * h) + eps * logsig(-beta * h)) / (1 - 2 * eps)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if kind == "hinge":
+        return torch.relu(1 - beta * h)
+    raise SystemExit(f"error: unknown --loss {kind!r} (sigmoid, robust, ipo, hinge)")
+
+
+def pair_stats(pi, ratios, beta):
+    """Sums over B pairs of what is logged (each divided by the number of pairs later): implicit rewards
+    β·log π/π_ref, their margin, preference accuracy (a tie counts 1/2), the policy's log-probs, and how
+    often the policy alone prefers the chosen."""
+    r = beta * ratios
+    m = r[:, 0] - r[:, 1]
+    return {"reward_chosen": r[:, 0].sum().item(), "reward_rejected": r[:, 1].sum().item(), "reward_margin": m.sum().item(),
+            "pref_accuracy": ((m > 0).sum() + 0.5 * (m == 0).sum()).item(), "logp_chosen": pi[:, 0].sum().item(),
+            "logp_rejected": pi[:, 1].sum().item(), "logp_accuracy": (pi[:, 0] > pi[:, 1]).sum().item()}
+
+
+def evaluate_pairs(model, tok, pairs, examples, args, amp):
+    """Held-out pair metrics, and the held-out task's greedy accuracy where the task has a reward."""
+    pi = pair_logps(model, tok, pairs, args, amp)
+    ref = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in pairs])
+    lengths = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in pairs])
+    stats = pair_stats(pi, log_ratios(pi, ref, lengths, args.length_norm), args.beta)
+    metrics = {f"eval/{k}": v / len(pairs) for k, v in stats.items()}
+    return metrics | (evaluate(model, tok, examples, args, amp) if examples else {})
+
+
+def load_pairs(args, ref, tok, amp):
+    """(train pairs, held-out pairs, held-out task examples or None, counts of what was skipped)."""
+    ctx = ref.config.max_seq_len
+    if args.task in ("arith", "gsm8k"):
+        train, evals = load_task(args)
+        tokenize(train, tok, ctx, args.max_new_tokens, "train")
+        tokenize(evals, tok, ctx, args.max_new_tokens, "eval")
+        pairs, _ = sample_pairs(ref, tok, train + evals, args, amp)
+        tr, ev = [p for p in pairs if p["index"] < len(train)], [p for p in pairs if p["index"] >= len(train)]
+        return tr, ev, evals, {"data/skipped_train_prompts": len(train) - len(tr), "data/skipped_eval_prompts": len(evals) - len(ev)}
+    if args.task not in ("hh", "jsonl"):
+        raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, hh, jsonl)")
+    rows, mismatched = read_pairs(args)
+    max_len = min(args.max_len or ctx, ctx)
+    tr, cut_tr = tokenize_pairs(rows[:-args.eval_size], tok, max_len, args.task == "hh")
+    ev, cut_ev = tokenize_pairs(rows[-args.eval_size:], tok, max_len, args.task == "hh")
+    return tr, ev, None, {"data/skipped_mismatched_prompts": mismatched, "data/truncated_pairs": cut_tr + cut_ev}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup(args)
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or per_rank % min(per_rank, args.micro_batch_size):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks x whole micro-batches "
+                         f"of {args.micro_batch_size}")
+    if args.label_smoothing and args.loss not in ("sigmoid", "robust") or not 0 <= args.label_smoothing < 0.5:
+        raise SystemExit("error: --label-smoothing must be in [0, 0.5) and goes with --loss sigmoid or robust")
+    dpo_loss(torch.zeros(1, 2), args.beta, args.loss)  # an unknown --loss stops here, before any sampling
+    if not args.resume and args.model == "runs/sft" and not Path("runs/sft").exists():
+        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
+    run_dir, start = start_run(args, rank)
+    model, tok = load_model(str(run_dir) if args.resume else args.model, device)
+    ref = load_model(args.model, device)[0].requires_grad_(False)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    t0 = time.time()
+    train, evals, examples, skipped = load_pairs(args, ref, tok, amp)
+    if not train or not evals:
+        raise SystemExit(f"error: {len(train)} training and {len(evals)} held-out pairs: nothing to train or evaluate on ({skipped})")
+    for pairs in (train, evals):  # the reference's log-probs, kept (the model is not needed again)
+        for p, (c, r) in zip(pairs, pair_logps(ref, tok, pairs, args, amp).tolist()):
+            p["ref_chosen"], p["ref_rejected"] = c, r
+    del ref
+    opt = make_optimizer(model, args)
+    if args.resume:
+        opt.load_state_dict(torch.load(run_dir / "trainer_state.pt", weights_only=True)["optimizer"])
+    if rank == 0:
+        print(f"{model.num_params() / 1e6:.2f}M parameters | {device} | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | "
+              f"batch {args.batch_size} pairs = {world} ranks x {per_rank // min(per_rank, args.micro_batch_size)} micro-batches "
+              f"x {min(per_rank, args.micro_batch_size)} | {len(train)} train, {len(evals)} held-out pairs "
+              f"({', '.join(f'{k[5:]} {v}' for k, v in skipped.items())}; {time.time() - t0:.0f}s) | {run_dir}")
+    if start == 0:
+        metrics = evaluate_pairs(model, tok, evals, examples, args, amp)
+        log(run_dir, 0, metrics | skipped | {"data/train_pairs": len(train), "data/eval_pairs": len(evals)}, rank)
+        if rank == 0:
+            print("before training: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+    for step in bar:
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        batch = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)]
+        n_tokens = sum(len(p["chosen_ids"]) for p in batch)  # the NLL term's normaliser, known on every rank
+        mine, loss_sum, stats = batch[rank::world], 0.0, {}
+        for i in range(0, len(mine), args.micro_batch_size):
+            micro = mine[i:i + args.micro_batch_size]
+            ids, targets, mask = collate_pairs(micro, tok.pad_id, device)
+            ref_lp = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in micro], device=device)
+            lengths = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in micro], device=device)
+            with amp:
+                logp = model(ids, targets, mask=mask)  # (2m, T): the chosen rows, then the rejected
+                pi = logp.float().sum(1).view(2, -1).T  # (m, 2)
+                ratios = log_ratios(pi, ref_lp, lengths, args.length_norm)
+                loss = dpo_loss(ratios, args.beta, args.loss, args.label_smoothing).sum() / args.batch_size
+                if args.rpo_alpha:
+                    loss = loss + args.rpo_alpha * sft_loss(logp[:len(micro)], mask[:len(micro)], n_tokens)
+            loss.backward()
+            loss_sum += loss.item()
+            stats = {k: stats.get(k, 0.0) + v for k, v in pair_stats(pi.detach(), ratios.detach(), args.beta).items()}
+        sync_grads(model)
+        loss_sum, *sums = all_sum(loss_sum, *stats.values())
+        check_finite(loss_sum, step, run_dir)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        metrics = {"train/loss": loss_sum, **{f"train/{k}": v / args.batch_size for k, v in zip(stats, sums)},
+                   "train/lr": lr_at(step, args), "train/grad_norm": grad_norm,
+                   "perf/tokens_per_sec": sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
+                                              for p in batch) / (time.time() - t0)}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            metrics |= evaluate_pairs(model, tok, evals, examples, args, amp)
+        log(run_dir, step + 1, metrics, rank)
+        bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items()
+                         if k in ("train/loss", "train/pref_accuracy", "eval/pref_accuracy", "eval/accuracy")})
+        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            model.save_pretrained(run_dir, tok, state={"step": step + 1, "optimizer": opt.state_dict()})
+    metrics = evaluate_pairs(model, tok, evals, examples, args, amp)
+    log(run_dir, args.steps, metrics, rank)
+    if rank == 0:
+        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | saved to {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,596 @@
+"""
+grpo.py: Group Relative Policy Optimization: G samples per prompt, group-relative advantages, a clipped
+importance ratio and a KL penalty to the reference model.
+
+Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300), with the options of Dr. GRPO (Liu et al., arXiv
+2503.20783) and DAPO (Yu et al., arXiv 2503.14476); the exposition follows Patel, arXiv 2509.04501.
+Sample G completions y_1..y_G of each prompt x from the policy π_old that is about to be updated,
+score them, give every token of y_i the advantage of its group, and take μ clipped steps:
+
+    J(θ) = E_x E_{y_1..y_G ~ π_old} [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1 − ε_low, 1 + ε_high) A_i)
+                                       − β D_KL(π_θ || π_ref) ],
+    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),   A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
+
+where agg_t is the paper's 1/|y_i| Σ_t (choice 3) and the KL is estimated per token (choice 2).
+
+Choices made here where the literature differs:
+  1. Advantage: the group's mean subtracted and its std (unbiased, as TRL and verl) divided out, the
+     same for every token of a completion (outcome reward). --scale-rewards none skips the division
+     (Dr. GRPO: it up-weights groups that are nearly all right or all wrong); batch divides by the std
+     of the batch's rewards instead. A group whose rewards are all equal has zero advantage.
+  2. KL: the k3 estimate π_ref/π_θ − log(π_ref/π_θ) − 1 per token (unbiased, ≥ 0), in the loss with
+     weight β and aggregated like the surrogate, as in the paper. --kl-estimator k1 | k2 | k3 (k2 =
+     ½ log²(π_θ/π_ref) is biased); --kl-in reward subtracts β Σ_t k from the reward before the
+     advantages instead (as reinforce.py). With β = 0 no reference model is loaded.
+  3. Loss aggregation (--loss-agg): seq-mean-token-mean, the mean over each completion's tokens then
+     over completions (the paper); token-mean, the mean over all tokens of the batch (DAPO);
+     seq-mean-token-sum-norm, each completion's token sum divided by the constant --max-new-tokens,
+     then the mean over completions (Dr. GRPO). The normalisers count the whole batch over every
+     rank, so micro-batching and data parallelism do not change the gradient.
+  4. Clip: ε_low = 0.2 and ε_high = 0.28 (DAPO's clip-higher: more room to raise unlikely tokens).
+  5. μ updates on each batch, each one optimizer step over the whole batch (no minibatches); log π_old
+     comes from a no-grad pass before them (never the sampler's numbers), so with μ = 1 the ratio is
+     1 and the gradient is the on-policy policy gradient of the surrogate; the clip binds from the
+     second update on.
+  6. Truncated completions (no EOS within --max-new-tokens) keep their reward (a failure) unless
+     --mask-truncated drops them from the loss (DAPO's overlong filtering); they still count in
+     their group's statistics. Sampling at temperature 1 (--temperature).
+
+Run:
+  python sft.py && python grpo.py                                        # tiny model, `arith`, CPU
+  python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-6 \\
+      --batch-size 32 --micro-batch-size 16 --max-new-tokens 256          # one GPU, bf16
+  torchrun --nproc_per_node=2 grpo.py                                    # data parallel
+"""
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import gzip
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import GPT, Tokenizer, tiny_config
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"
+    """starting checkpoint (and reference): a Hugging Face directory, a hub id or a .gguf file"""
+    task: str = "arith"
+    """arith (built in) | gsm8k | jsonl"""
+    data_path: str = ""
+    """gsm8k: directory or URL prefix with train.jsonl and test.jsonl (default ../shared/data/gsm8k);
+    jsonl: a file or URL of {"prompt", "completion"} lines, the last --eval-size held out"""
+    train_size: int = 20000
+    """arith: number of training problems"""
+    eval_size: int = 500
+    """held-out examples scored (greedy) before, during and after training"""
+    run_name: str = ""
+    """output directory runs/<run-name> (default: the script's name)"""
+    seed: int = 0
+    """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    steps: int = 100
+    """optimizer steps"""
+    batch_size: int = 16
+    """prompts per optimizer step, over all ranks (each with --group-size completions)"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
+    lr: float = 1e-4
+    """peak learning rate"""
+    warmup_steps: int = 5
+    """linear warmup steps, then cosine decay to 10 % of --lr"""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the matrices"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: no clipping)"""
+    max_new_tokens: int = 64
+    """generation budget of one completion"""
+    eval_every: int = 25
+    """evaluate every this many steps (0: only before and after)"""
+    save_every: int = 50
+    """checkpoint every this many steps (and at the end)"""
+    resume: bool = False
+    """continue runs/<run-name> from its last checkpoint"""
+    # GRPO
+    group_size: int = 8
+    """G: completions sampled per prompt"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts"""
+    top_p: float = 1.0
+    """nucleus sampling of the rollouts (1: off)"""
+    scale_rewards: str = "group"
+    """divide the group-centred rewards by the std of the group | batch | none (Dr. GRPO)"""
+    mu: int = 1
+    """μ: optimizer steps on each batch of samples (the clip binds from the second on)"""
+    clip_low: float = 0.2
+    """ε_low: the ratio is clipped below at 1 − ε_low"""
+    clip_high: float = 0.28
+    """ε_high: the ratio is clipped above at 1 + ε_high"""
+    beta: float = 0.04
+    """KL penalty coefficient; 0: no reference model"""
+    kl_estimator: str = "k3"
+    """per-token KL estimate: k1 (log π/π_ref) | k2 (½ log² π/π_ref) | k3 (π_ref/π − log π_ref/π − 1)"""
+    kl_in: str = "loss"
+    """loss (a per-token penalty aggregated like the surrogate) | reward (β Σ_t k subtracted from r)"""
+    loss_agg: str = "seq-mean-token-mean"
+    """seq-mean-token-mean (the paper) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO)"""
+    mask_truncated: bool = False
+    """leave completions that hit --max-new-tokens out of the loss (DAPO's overlong filtering)"""
+
+
+def parse_args(cls=Args):
+    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), **kind)
+    return cls(**vars(parser.parse_args()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
+
+NAMES = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Leo", "Mia", "Ned", "Oli",
+         "Pam", "Ray", "Sam", "Tom", "Uma", "Val", "Wes", "Zoe"]
+ITEMS = ["pens", "eggs", "cards", "coins", "books", "cups", "hats", "toys", "keys", "maps"]
+
+
+def arith_problem(rng):
+    """One `arith` word problem: add or subtract two-digit numbers, worked by place value."""
+    name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gets {b} more. How many now?", divmod(a, 10), divmod(b, 10)
+        work, ans = f"{ta}0 + {tb}0 + {ua} + {ub} = {ta + tb}0 + {ua + ub} = {a + b}", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gives away {b}. How many now?", divmod(a, 10), divmod(b, 10)
+        units = f"+ {ua - ub}" if ua >= ub else f"- {ub - ua}"
+        work, ans = f"{ta}0 - {tb}0 + {ua} - {ub} = {ta - tb}0 {units} = {a - b}", a - b
+    return {"prompt": q, "completion": f"{work}\n#### {ans}", "answer": str(ans)}
+
+
+def arith_split(n_train, n_eval, seed):
+    """Train and eval problems from separate seeded streams; a train problem equal to an eval one is dropped."""
+    rng = random.Random(f"arith-eval-{seed}")
+    evals = [arith_problem(rng) for _ in range(n_eval)]
+    held_out, rng, train = {e["prompt"] for e in evals}, random.Random(f"arith-train-{seed}"), []
+    while len(train) < n_train:
+        ex = arith_problem(rng)
+        if ex["prompt"] not in held_out:
+            train.append(ex)
+    return train, evals
+
+
+def read_jsonl(path, fields):
+    """Records of a .jsonl (or .jsonl.gz) file or URL; a bad line is an error naming the file and line."""
+    if str(path).startswith(("http://", "https://")):
+        cache = Path.home() / ".cache" / "post-training" / re.sub(r"[^\w.-]", "_", str(path))
+        if not cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            urllib.request.urlretrieve(str(path), cache.with_suffix(".part"))
+            os.replace(cache.with_suffix(".part"), cache)
+        path = cache
+    if not Path(path).exists():
+        raise SystemExit(f"error: {path}: no such data file")
+    rows = []
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{i}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise SystemExit(f"error: {path}:{i}: missing or non-string field {missing[0]!r} (expected {fields})")
+            rows.append(row)
+    return rows
+
+
+def load_task(args):
+    """(train, eval) lists of examples for --task."""
+    if args.task == "arith":
+        return arith_split(args.train_size, args.eval_size, args.seed)
+    if args.task == "gsm8k":
+        root = (args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k")).rstrip("/")
+        splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
+        clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
+        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]), "answer": final_answer(r["answer"]) or ""}
+        return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
+    if args.task == "jsonl":
+        if not args.data_path:
+            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
+        rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
+                for r in read_jsonl(args.data_path, ["prompt", "completion"])]
+        return rows[:-args.eval_size], rows[-args.eval_size:]
+    raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
+
+
+def final_answer(text):
+    """The number on the last '#### N' line, commas dropped; None when there is no such line."""
+    found = re.findall(r"^####\s*(-?[\d,]*\.?\d+)\s*$", text, flags=re.M)
+    return found[-1].replace(",", "") if found else None
+
+
+def score(completion, example):
+    """correct: the '#### N' answer equals the reference (strict); format: such a line exists;
+    lenient: the last number anywhere equals the reference. (jsonl without a number: exact text.)"""
+    got, numbers = final_answer(completion), re.findall(r"-?\d[\d,]*\.?\d*", completion)
+    lenient = bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == example["answer"]
+    correct = got == example["answer"] or completion.strip() == example["answer"]
+    return {"correct": float(correct), "format": float(got is not None), "lenient": float(lenient or correct)}
+
+
+def reward_fn(completion, example):
+    """The reward of one completion: swap in your own here (training and evaluation both call it)."""
+    return score(completion, example)["correct"]
+
+
+def prompt_ids(tok, text):
+    """Chat checkpoints get their chat format; plain ones (`tiny`) a plain Q/A layout."""
+    if tok.chat:
+        return tok.chat_prompt(f"{text}\nEnd with the final answer on its own line as: #### <number>")
+    return tok.chat_prompt(f"Q: {text}\nA: ")
+
+
+def tokenize(examples, tok, max_len, max_new_tokens, where):
+    """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
+    for i, ex in enumerate(examples):
+        ex["prompt_ids"], ex["completion_ids"] = prompt_ids(tok, ex["prompt"]), tok.encode(ex["completion"]) + [tok.eos_id]
+        need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
+        if need > max_len:
+            raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
+                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context of {max_len}")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared machinery: devices and ranks, batches, evaluation, logging, checkpoints
+
+
+def setup(args):
+    """(rank, world, device); under torchrun one process per device, gloo on CPU and NCCL on GPU."""
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    return rank, world, device
+
+
+def all_sum(*values):
+    """Sum numbers over ranks (one all-reduce); returns floats."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def sync_grads(model):
+    """Sum gradients over ranks with one all-reduce of a flat buffer (the losses are already divided
+    by their global normaliser, so the sum is the gradient of the whole batch)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def load_model(name, device):
+    """(model, tokenizer) for `tiny` or a checkpoint; a bad checkpoint is one clear error."""
+    if name == "tiny":
+        return GPT(tiny_config()).to(device), Tokenizer.byte_level()
+    try:
+        return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load {name}: {e}") from None
+
+
+def collate(seqs, loss_masks, pad_id, device):
+    """Right-padded (B, T) inputs, next-token targets and the mask of the targets in the loss."""
+    T = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in loss_masks], device=device)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def make_optimizer(model, args):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, tok, examples, args, amp, keep=None):
+    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
+    list `keep`, this rank's (example, completion text) pairs are appended to it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, totals = examples[rank::world], np.zeros(4)
+    for i in range(0, len(mine), 256):
+        batch = mine[i:i + 256]
+        with amp:
+            out, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
+                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        for ex, o, n in zip(batch, out.tolist(), mask.sum(1).tolist()):
+            text = tok.decode(o[:n])
+            s = score(text, ex)
+            totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+            if keep is not None:
+                keep.append((ex, text))
+    totals = all_sum(*totals)
+    return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+
+
+def log(run_dir, step, metrics, rank):
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+
+
+def start_run(args, rank):
+    """runs/<name>/ with args.json; on --resume, metrics logged after the checkpoint are dropped."""
+    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
+    step = 0
+    if args.resume:
+        if not (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+        step = torch.load(run_dir / "trainer_state.pt", weights_only=True)["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if args.resume and (run_dir / "metrics.jsonl").exists() else []
+        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    return run_dir, step
+
+
+def batch_indices(step, batch_size, n, seed):
+    """The examples of optimizer step `step`: consecutive slices of a seeded permutation per epoch."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset:offset + batch_size - len(out)].tolist()
+        out, pos = out + take, pos + len(take)
+    return out
+
+
+def check_finite(loss, step, run_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
+                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts: sample k completions of each prompt, score them; log-probs of what was sampled
+
+
+@torch.no_grad()
+def rollout(model, tok, examples, args, step, rank, amp):
+    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
+    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
+    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+    prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
+    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    with amp:
+        out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)
+    seqs, masks, rewards, texts, ended = [], [], [], [], []
+    for j, (p, o, n) in enumerate(zip(prompts, out.tolist(), mask.sum(1).tolist())):
+        texts.append(tok.decode(o[:n]))
+        seqs.append(p + o[:n])
+        masks.append([0] * len(p) + [1] * n)
+        rewards.append(reward_fn(texts[-1], examples[j // args.group_size]))
+        ended.append(o[n - 1] in tok.stop_ids)
+    return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch, micro_batch_size, amp):
+    """log π(target) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
+    ids, targets, mask = batch
+    out = []
+    for i in range(0, len(ids), micro_batch_size):
+        with amp:
+            out.append(model(ids[i:i + micro_batch_size], targets[i:i + micro_batch_size], mask=mask[i:i + micro_batch_size]).float())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO: group advantages, KL estimators, the clipped surrogate and the loss aggregation
+
+CHOICES = {"scale_rewards": ("group", "batch", "none"), "kl_estimator": ("k1", "k2", "k3"), "kl_in": ("loss", "reward"),
+           "loss_agg": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")}
+
+
+def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
+    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std
+    (scale="group"), by the std of all the batch's rewards (scale="batch": `batch_std`, over every
+    rank; that of `rewards` when None) or by nothing (scale="none"). All-equal groups get 0."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
+    if scale == "none":
+        return centred
+    raise SystemExit(f"error: unknown --scale-rewards {scale!r} (group, batch, none)")
+
+
+def kl_k1(logp, ref_logp):
+    """Per-token k1 estimate of KL(π || π_ref) on tokens sampled from π: log π − log π_ref."""
+    return logp - ref_logp
+
+
+def kl_estimate(logp, ref_logp, kind):
+    """Per-token estimates of KL(π || π_ref) from tokens sampled from π (Schulman 2020), with
+    log r = log π_ref − log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance),
+    k3 = r − 1 − log r (unbiased and ≥ 0). Same shape as logp; differentiable in logp."""
+    if kind == "k1":
+        return kl_k1(logp, ref_logp)
+    log_r = ref_logp - logp
+    if kind == "k2":
+        return 0.5 * log_r ** 2
+    if kind == "k3":
+        return torch.expm1(log_r) - log_r
+    raise SystemExit(f"error: unknown --kl-estimator {kind!r} (k1, k2, k3)")
+
+
+def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high):
+    """logp, old_logp (B, T); adv (B,). Per-token loss −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) with
+    ρ = exp(logp − old_logp), and the masks (B, T) of the tokens where the clip binds (zero gradient):
+    below (A < 0, ρ < 1 − ε_low) and above (A > 0, ρ > 1 + ε_high)."""
+    ratio, adv = torch.exp(logp - old_logp), adv[:, None]
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    return loss, (adv < 0) & (ratio < 1 - eps_low), (adv > 0) & (ratio > 1 + eps_high)
+
+
+def aggregate(per_token, mask, mode, n_seqs, n_tokens, max_len):
+    """per_token, mask (B, T) -> this micro-batch's share of the batch loss. n_seqs and n_tokens count
+    the whole batch over every rank; a sequence's own length comes from its row of the mask."""
+    x = per_token * mask
+    if mode == "seq-mean-token-mean":
+        return (x.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if mode == "token-mean":
+        return x.sum() / n_tokens
+    if mode == "seq-mean-token-sum-norm":
+        return x.sum() / (n_seqs * max_len)
+    raise SystemExit(f"error: unknown --loss-agg {mode!r} (seq-mean-token-mean, token-mean, seq-mean-token-sum-norm)")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup(args)
+    if not args.resume and args.model == "runs/sft" and not Path("runs/sft").exists():
+        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
+    run_dir, start = start_run(args, rank)
+    policy, tok = load_model(str(run_dir) if args.resume else args.model, device)
+    ref = load_model(args.model, device)[0].requires_grad_(False) if args.beta > 0 else None
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    train, evals = load_task(args)
+    tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
+    tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
+    opt = make_optimizer(policy, args)
+    if args.resume:
+        opt.load_state_dict(torch.load(run_dir / "trainer_state.pt", weights_only=True)["optimizer"])
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or args.group_size < 2 or args.mu < 1:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; --group-size >= 2; --mu >= 1")
+    for name, choices in CHOICES.items():
+        if getattr(args, name) not in choices:
+            raise SystemExit(f"error: unknown --{name.replace('_', '-')} {getattr(args, name)!r} ({', '.join(choices)})")
+    if rank == 0:
+        print(f"{policy.num_params() / 1e6:.2f}M parameters | {device} | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | "
+              f"batch {args.batch_size} prompts x {args.group_size} completions = {world} ranks x {per_rank * args.group_size} "
+              f"sequences in micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval | {run_dir}")
+    if start == 0:
+        metrics = evaluate(policy, tok, evals, args, amp)
+        log(run_dir, 0, metrics, rank)
+        if rank == 0:
+            print(f"before training: eval/accuracy {metrics['eval/accuracy']:.3f}")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+    for step in bar:
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
+        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
+        t_gen = time.time() - t0
+        batch = collate(seqs, masks, tok.pad_id, device)
+        mask, n_seqs = batch[2], args.batch_size * args.group_size
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)  # log π_old: the policy that sampled
+        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp) if ref is not None else old_logp
+        kl = (kl_k1(old_logp, ref_logp) * mask).sum(1)  # Σ_t k1 per sequence, logged
+        score = rewards.to(device)
+        if args.kl_in == "reward":
+            score = score - args.beta * (kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask).sum(1)
+        reward_sum, s_sum, s_sq = all_sum(rewards.sum().item(), score.sum().item(), (score ** 2).sum().item())
+        batch_std = math.sqrt(max(s_sq - s_sum ** 2 / n_seqs, 0.0) / (n_seqs - 1))  # of every rank's scores
+        adv = group_advantages(score.view(-1, args.group_size), args.scale_rewards, batch_std).reshape(-1)
+        if args.mask_truncated:
+            mask = mask * ended.to(device)[:, None]
+        n_kept, n_tok, n_gen, n_ended = all_sum((mask.sum(1) > 0).sum().item(), mask.sum().item(), batch[2].sum().item(),
+                                                ended.sum().item())
+        totals = np.zeros(5)  # loss, entropy, clipped below, clipped above, grad norm: summed over the μ updates
+        for _ in range(args.mu):
+            for i in range(0, len(seqs), args.micro_batch_size):
+                sl = slice(i, i + args.micro_batch_size)
+                ids, targets, m = batch[0][sl], batch[1][sl], mask[sl]
+                with amp:
+                    logp, ent = policy(ids, targets, mask=m, entropy=True)
+                    per_token, low, high = clipped_surrogate(logp, old_logp[sl], adv[sl], args.clip_low, args.clip_high)
+                    if ref is not None and args.kl_in == "loss":
+                        per_token = per_token + args.beta * kl_estimate(logp, ref_logp[sl], args.kl_estimator)
+                    loss = aggregate(per_token, m, args.loss_agg, max(n_kept, 1), max(n_tok, 1), args.max_new_tokens)
+                loss.backward()
+                totals[:4] += [loss.item(), (ent.detach() * m).sum().item(), (low * m).sum().item(), (high * m).sum().item()]
+            sync_grads(policy)
+            check_finite(all_sum(totals[0])[0], step, run_dir)
+            totals[4] += torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf")).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss_sum, ent_sum, low_sum, high_sum, kl_sum, n_equal = all_sum(*totals[:4], kl.sum().item(), sum(
+            bool((g == g[0]).all()) for g in rewards.view(-1, args.group_size)))
+        n_all = args.mu * max(n_tok, 1)  # tokens in the loss, over the μ updates
+        metrics = {"train/loss": loss_sum / args.mu, "train/reward": reward_sum / n_seqs, "train/kl": kl_sum / n_seqs,
+                   "train/entropy": ent_sum / n_all, "train/clipfrac": (low_sum + high_sum) / n_all,
+                   "train/clipfrac_low": low_sum / n_all, "train/clipfrac_high": high_sum / n_all,
+                   "train/groups_all_equal": n_equal / args.batch_size, "train/lr": lr_at(step, args),
+                   "train/grad_norm": totals[4] / args.mu, "train/completion_len": n_gen / n_seqs,
+                   "train/ended_with_eos": n_ended / n_seqs, "perf/gen_seconds": t_gen,
+                   "perf/update_seconds": time.time() - t0 - t_gen, "perf/tokens_per_sec": n_gen / (time.time() - t0)}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            metrics |= evaluate(policy, tok, evals, args, amp)
+        log(run_dir, step + 1, metrics, rank)
+        bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in ("train/reward", "train/kl", "eval/accuracy")})
+        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            policy.save_pretrained(run_dir, tok, state={"step": step + 1, "optimizer": opt.state_dict()})
+    metrics = evaluate(policy, tok, evals, args, amp)
+    log(run_dir, args.steps, metrics, rank)
+    if rank == 0:
+        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | saved to {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

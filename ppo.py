@@ -1,0 +1,670 @@
+"""
+ppo.py: proximal policy optimization with a learned value function (actor-critic), as in RLHF.
+
+Schulman et al. 2017 (PPO, arXiv 1707.06347) with generalized advantage estimation (Schulman et al.,
+arXiv 1506.02438), in the RLHF recipe of Ouyang et al. 2022 (arXiv 2203.02155) as Huang et al. 2024
+spell it out ("The N+ Implementation Details of RLHF with PPO", arXiv 2403.17031); the exposition
+follows Patel, arXiv 2509.04501. Sample completions y of prompts x from the policy π_old, give every
+completion token t a reward, estimate its advantage A_t with a critic V, then take K epochs of clipped
+steps over mini-batches of the batch:
+
+    max_θ E_t [ min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t) ],   ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t)
+    r_t = −β (log π_old(y_t | s_t) − log π_ref(y_t | s_t)) + [t = last] r(x, y),   s_t = (x, y_<t)
+    A_t = Σ_l (γλ)^l δ_t+l,   δ_t = r_t + γ V(s_t+1) − V(s_t)   (GAE);   the critic regresses V on A + V_old
+
+Choices made here where the literature differs:
+  1. Critic: a second copy of the starting checkpoint with a scalar head on its final hidden state
+     (zero-initialised, so V = 0 at first); its own parameters, AdamW and peak learning rate
+     (--critic-lr, same warmup and cosine schedule). V(s_t) is read at the position that predicts y_t.
+     (Alternatives: a critic initialised from the reward model; a value head on the policy's trunk.)
+  2. Reward: per token −β k1 against the frozen reference on every completion token, the score r(x, y)
+     added at the last token (the EOS when there is one); --no-eos-penalty is subtracted from the score
+     of a completion that ran out of tokens without EOS. β fixed, or adapted towards --kl-target
+     (Ziegler et al. 2019, arXiv 1909.08593).
+  3. GAE with γ = 1, λ = 0.95. The episode ends at the last completion token (a truncated completion
+     is not bootstrapped); returns R_t = A_t + V_old(s_t). Advantages are whitened once per batch over
+     all its completion tokens (every rank), not per mini-batch.
+  4. Policy loss: −min(ρ A, clip(ρ, 1 − ε, 1 + ε) A) averaged over the mini-batch's completion tokens
+     (normalised by their count over all ranks, so micro-batching and ranks do not change it). No
+     entropy bonus.
+  5. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
+  6. Updates: --epochs passes over each batch in --mini-batches shuffled mini-batches (shuffled by
+     seed, step, epoch and rank), one optimizer step per mini-batch. Policy and critic are separate
+     networks with separate optimizers, so their updates do not interact: the policy's epochs run
+     first, then the critic's over the same mini-batches (the same as interleaving them).
+  7. Logged: approx_kl is the k3 estimate (ρ − 1) − log ρ of KL(π_old ‖ π_θ) on the sampled tokens and
+     clipfrac the fraction of tokens with |ρ − 1| > ε, both averaged over the epochs; explained
+     variance 1 − Var(R − V_old) / Var(R); train/kl is KL(π_old ‖ π_ref), Σ_t k1 per sequence.
+  8. Sampling at temperature 1 (--temperature); log-probs are recomputed with the training forward
+     pass (the sampler's numbers are never reused).
+Memory: three models (policy, reference, critic) and two optimizer states.
+
+Run:
+  python sft.py && python ppo.py                                         # tiny model, `arith`, CPU
+  python ppo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-6 --critic-lr 1e-5 \\
+      --batch-size 32 --micro-batch-size 16 --max-new-tokens 256          # one GPU, bf16
+  torchrun --nproc_per_node=2 ppo.py                                     # data parallel
+"""
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import gzip
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from model import GPT, Tokenizer, tiny_config
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"
+    """starting checkpoint (and reference): a Hugging Face directory, a hub id or a .gguf file"""
+    task: str = "arith"
+    """arith (built in) | gsm8k | jsonl"""
+    data_path: str = ""
+    """gsm8k: directory or URL prefix with train.jsonl and test.jsonl (default ../shared/data/gsm8k);
+    jsonl: a file or URL of {"prompt", "completion"} lines, the last --eval-size held out"""
+    train_size: int = 20000
+    """arith: number of training problems"""
+    eval_size: int = 500
+    """held-out examples scored (greedy) before, during and after training"""
+    run_name: str = ""
+    """output directory runs/<run-name> (default: the script's name)"""
+    seed: int = 0
+    """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    steps: int = 100
+    """optimizer steps"""
+    batch_size: int = 16
+    """prompts per optimizer step, over all ranks (each with --group-size completions)"""
+    micro_batch_size: int = 64
+    """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
+    lr: float = 5e-5
+    """peak learning rate"""
+    warmup_steps: int = 5
+    """linear warmup steps, then cosine decay to 10 % of --lr"""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the matrices"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: no clipping)"""
+    max_new_tokens: int = 64
+    """generation budget of one completion"""
+    eval_every: int = 25
+    """evaluate every this many steps (0: only before and after)"""
+    save_every: int = 50
+    """checkpoint every this many steps (and at the end)"""
+    resume: bool = False
+    """continue runs/<run-name> from its last checkpoint"""
+    # PPO
+    group_size: int = 4
+    """k: completions sampled per prompt"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts"""
+    top_p: float = 1.0
+    """nucleus sampling of the rollouts (1: off)"""
+    whiten: bool = True
+    """normalise the advantages to mean 0, std 1 over the batch's completion tokens"""
+    beta: float = 0.02
+    """KL penalty coefficient (k1 per token, in the per-token reward); 0: no reference model"""
+    kl_target: float = 0.0
+    """adaptive β: the KL per sequence to steer towards (0: β stays fixed)"""
+    kl_horizon: int = 10000
+    """adaptive β: horizon in sequences (larger: slower adaptation)"""
+    no_eos_penalty: float = 0.0
+    """subtracted from the score of a completion that hit --max-new-tokens without EOS"""
+    gamma: float = 1.0
+    """γ: discount of future rewards"""
+    lam: float = 0.95
+    """λ of generalized advantage estimation (1: Monte Carlo returns; 0: one-step TD)"""
+    epochs: int = 2
+    """K: passes over each batch"""
+    mini_batches: int = 2
+    """optimizer steps per epoch: the batch is shuffled and split into this many mini-batches"""
+    clip: float = 0.2
+    """ε: the policy ratio is clipped to [1 − ε, 1 + ε]"""
+    vf_clip: float = 0.2
+    """ε_v: the new value is clipped to within ε_v of the old one"""
+    critic_lr: float = 3e-4
+    """peak learning rate of the critic (same warmup and decay as --lr)"""
+
+
+def parse_args(cls=Args):
+    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), **kind)
+    return cls(**vars(parser.parse_args()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
+
+NAMES = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Leo", "Mia", "Ned", "Oli",
+         "Pam", "Ray", "Sam", "Tom", "Uma", "Val", "Wes", "Zoe"]
+ITEMS = ["pens", "eggs", "cards", "coins", "books", "cups", "hats", "toys", "keys", "maps"]
+
+
+def arith_problem(rng):
+    """One `arith` word problem: add or subtract two-digit numbers, worked by place value."""
+    name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gets {b} more. How many now?", divmod(a, 10), divmod(b, 10)
+        work, ans = f"{ta}0 + {tb}0 + {ua} + {ub} = {ta + tb}0 + {ua + ub} = {a + b}", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gives away {b}. How many now?", divmod(a, 10), divmod(b, 10)
+        units = f"+ {ua - ub}" if ua >= ub else f"- {ub - ua}"
+        work, ans = f"{ta}0 - {tb}0 + {ua} - {ub} = {ta - tb}0 {units} = {a - b}", a - b
+    return {"prompt": q, "completion": f"{work}\n#### {ans}", "answer": str(ans)}
+
+
+def arith_split(n_train, n_eval, seed):
+    """Train and eval problems from separate seeded streams; a train problem equal to an eval one is dropped."""
+    rng = random.Random(f"arith-eval-{seed}")
+    evals = [arith_problem(rng) for _ in range(n_eval)]
+    held_out, rng, train = {e["prompt"] for e in evals}, random.Random(f"arith-train-{seed}"), []
+    while len(train) < n_train:
+        ex = arith_problem(rng)
+        if ex["prompt"] not in held_out:
+            train.append(ex)
+    return train, evals
+
+
+def read_jsonl(path, fields):
+    """Records of a .jsonl (or .jsonl.gz) file or URL; a bad line is an error naming the file and line."""
+    if str(path).startswith(("http://", "https://")):
+        cache = Path.home() / ".cache" / "post-training" / re.sub(r"[^\w.-]", "_", str(path))
+        if not cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            urllib.request.urlretrieve(str(path), cache.with_suffix(".part"))
+            os.replace(cache.with_suffix(".part"), cache)
+        path = cache
+    if not Path(path).exists():
+        raise SystemExit(f"error: {path}: no such data file")
+    rows = []
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{i}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise SystemExit(f"error: {path}:{i}: missing or non-string field {missing[0]!r} (expected {fields})")
+            rows.append(row)
+    return rows
+
+
+def load_task(args):
+    """(train, eval) lists of examples for --task."""
+    if args.task == "arith":
+        return arith_split(args.train_size, args.eval_size, args.seed)
+    if args.task == "gsm8k":
+        root = (args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k")).rstrip("/")
+        splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
+        clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
+        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]), "answer": final_answer(r["answer"]) or ""}
+        return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
+    if args.task == "jsonl":
+        if not args.data_path:
+            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
+        rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
+                for r in read_jsonl(args.data_path, ["prompt", "completion"])]
+        return rows[:-args.eval_size], rows[-args.eval_size:]
+    raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
+
+
+def final_answer(text):
+    """The number on the last '#### N' line, commas dropped; None when there is no such line."""
+    found = re.findall(r"^####\s*(-?[\d,]*\.?\d+)\s*$", text, flags=re.M)
+    return found[-1].replace(",", "") if found else None
+
+
+def score(completion, example):
+    """correct: the '#### N' answer equals the reference (strict); format: such a line exists;
+    lenient: the last number anywhere equals the reference. (jsonl without a number: exact text.)"""
+    got, numbers = final_answer(completion), re.findall(r"-?\d[\d,]*\.?\d*", completion)
+    lenient = bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == example["answer"]
+    correct = got == example["answer"] or completion.strip() == example["answer"]
+    return {"correct": float(correct), "format": float(got is not None), "lenient": float(lenient or correct)}
+
+
+def reward_fn(completion, example):
+    """The reward of one completion: swap in your own here (training and evaluation both call it)."""
+    return score(completion, example)["correct"]
+
+
+def prompt_ids(tok, text):
+    """Chat checkpoints get their chat format; plain ones (`tiny`) a plain Q/A layout."""
+    if tok.chat:
+        return tok.chat_prompt(f"{text}\nEnd with the final answer on its own line as: #### <number>")
+    return tok.chat_prompt(f"Q: {text}\nA: ")
+
+
+def tokenize(examples, tok, max_len, max_new_tokens, where):
+    """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
+    for i, ex in enumerate(examples):
+        ex["prompt_ids"], ex["completion_ids"] = prompt_ids(tok, ex["prompt"]), tok.encode(ex["completion"]) + [tok.eos_id]
+        need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
+        if need > max_len:
+            raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
+                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context of {max_len}")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared machinery: devices and ranks, batches, evaluation, logging, checkpoints
+
+
+def setup(args):
+    """(rank, world, device); under torchrun one process per device, gloo on CPU and NCCL on GPU."""
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    return rank, world, device
+
+
+def all_sum(*values):
+    """Sum numbers over ranks (one all-reduce); returns floats."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def sync_grads(model):
+    """Sum gradients over ranks with one all-reduce of a flat buffer (the losses are already divided
+    by their global normaliser, so the sum is the gradient of the whole batch)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def load_model(name, device):
+    """(model, tokenizer) for `tiny` or a checkpoint; a bad checkpoint is one clear error."""
+    if name == "tiny":
+        return GPT(tiny_config()).to(device), Tokenizer.byte_level()
+    try:
+        return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load {name}: {e}") from None
+
+
+def collate(seqs, loss_masks, pad_id, device):
+    """Right-padded (B, T) inputs, next-token targets and the mask of the targets in the loss."""
+    T = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in loss_masks], device=device)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def make_optimizer(model, args):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, tok, examples, args, amp, keep=None):
+    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
+    list `keep`, this rank's (example, completion text) pairs are appended to it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, totals = examples[rank::world], np.zeros(4)
+    for i in range(0, len(mine), 256):
+        batch = mine[i:i + 256]
+        with amp:
+            out, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
+                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        for ex, o, n in zip(batch, out.tolist(), mask.sum(1).tolist()):
+            text = tok.decode(o[:n])
+            s = score(text, ex)
+            totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+            if keep is not None:
+                keep.append((ex, text))
+    totals = all_sum(*totals)
+    return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+
+
+def log(run_dir, step, metrics, rank):
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+
+
+def start_run(args, rank):
+    """runs/<name>/ with args.json; on --resume, metrics logged after the checkpoint are dropped."""
+    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
+    step = 0
+    if args.resume:
+        if not (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+        step = torch.load(run_dir / "trainer_state.pt", weights_only=True)["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if args.resume and (run_dir / "metrics.jsonl").exists() else []
+        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    return run_dir, step
+
+
+def batch_indices(step, batch_size, n, seed):
+    """The examples of optimizer step `step`: consecutive slices of a seeded permutation per epoch."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset:offset + batch_size - len(out)].tolist()
+        out, pos = out + take, pos + len(take)
+    return out
+
+
+def check_finite(loss, step, run_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
+                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts: sample k completions of each prompt, score them; log-probs of what was sampled
+
+
+@torch.no_grad()
+def rollout(model, tok, examples, args, step, rank, amp):
+    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
+    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
+    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+    prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
+    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    with amp:
+        out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)
+    seqs, masks, rewards, texts, ended = [], [], [], [], []
+    for j, (p, o, n) in enumerate(zip(prompts, out.tolist(), mask.sum(1).tolist())):
+        texts.append(tok.decode(o[:n]))
+        seqs.append(p + o[:n])
+        masks.append([0] * len(p) + [1] * n)
+        rewards.append(reward_fn(texts[-1], examples[j // args.group_size]))
+        ended.append(o[n - 1] in tok.stop_ids)
+    return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch, micro_batch_size, amp):
+    """log π(target) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
+    ids, targets, mask = batch
+    out = []
+    for i in range(0, len(ids), micro_batch_size):
+        with amp:
+            out.append(model(ids[i:i + micro_batch_size], targets[i:i + micro_batch_size], mask=mask[i:i + micro_batch_size]).float())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO: the critic, per-token rewards, GAE, mini-batches, the clipped losses, the KL controller
+
+
+class Critic(nn.Module):
+    """V(s): a transformer body with a scalar head on its final hidden state. ids (B, T) -> values
+    (B, T), values[:, t] the value of the state ids[:, :t + 1], the one in which targets[:, t] is
+    emitted, so that values line up with the log-probs."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body, self.head = body, nn.Linear(body.config.n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, ids):
+        return self.head(self.body.trunk(ids)).squeeze(-1)
+
+
+@torch.no_grad()
+def critic_values(critic, ids, mask, micro_batch_size, amp):
+    """V(s_t) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
+    out = []
+    for i in range(0, len(ids), micro_batch_size):
+        with amp:
+            out.append(critic(ids[i:i + micro_batch_size]).float())
+    return torch.cat(out) * mask
+
+
+def whiten(x, mean, std, eps=1e-8):
+    """(x − mean) / std with the batch's statistics (over every rank)."""
+    return (x - mean) / (std + eps)
+
+
+def masked_mean_var(x, mask):
+    """Mean and variance of x (B, T) over the positions where mask is 1, over every rank."""
+    n, s, ss = all_sum(mask.sum().item(), (x * mask).sum().item(), (x * x * mask).sum().item())
+    return s / n, max(ss / n - (s / n) ** 2, 0.0)
+
+
+def kl_k1(logp, ref_logp):
+    """Per-token k1 estimate of KL(π || π_ref) on tokens sampled from π: log π − log π_ref."""
+    return logp - ref_logp
+
+
+def token_rewards(score, kl, mask, beta):
+    """score (B,), kl and mask (B, T) -> rewards (B, T): −β kl_t on every completion token, plus the
+    score on the completion's last token."""
+    rewards = -beta * kl * mask
+    last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)  # (B,) position of the last completion token
+    rewards[torch.arange(len(score), device=score.device), last] += score
+    return rewards
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """rewards, values, mask (B, T), mask 1 on each completion's tokens -> advantages, returns (B, T).
+    δ_t = r_t + γ V(s_t+1) − V(s_t) and A_t = δ_t + γλ A_t+1, with V and A zero after the last token."""
+    values, adv = values * mask, torch.zeros_like(values)
+    nxt_value, nxt_adv = torch.zeros_like(values[:, 0]), torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * nxt_value - values[:, t]
+        adv[:, t] = nxt_adv = (delta + gamma * lam * nxt_adv) * mask[:, t]
+        nxt_value = values[:, t]
+    return adv, adv + values
+
+
+def minibatches(n, n_mini, seed, step, epoch, rank):
+    """This rank's n rows shuffled by (seed, step, epoch, rank) and split into n_mini index tensors."""
+    perm = np.random.default_rng([seed, step, epoch, rank]).permutation(n)
+    return [torch.from_numpy(part) for part in np.array_split(perm, n_mini)]
+
+
+def ppo_loss(logp, old_logp, adv, mask, clip, n_tokens):
+    """logp, old_logp, adv, mask (B, T) -> this micro-batch's share of the mini-batch's token mean of
+    −min(ρ A, clip(ρ, 1 − ε, 1 + ε) A), and two token sums for the logs: tokens whose ratio is clipped,
+    and the k3 estimate (ρ − 1) − log ρ of KL(π_old ‖ π_θ)."""
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    with torch.no_grad():
+        clipped = (((ratio - 1).abs() > clip) * mask).sum()
+        k3 = (((ratio - 1) - log_ratio) * mask).sum()
+    return (loss * mask).sum() / n_tokens, clipped, k3
+
+
+def value_loss(values, old_values, returns, mask, clip, n_tokens):
+    """values, old_values, returns, mask (B, T) -> this micro-batch's share of the token mean of
+    ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return (loss * mask).sum() / n_tokens
+
+
+def adaptive_beta(beta, kl, target, n, horizon):
+    """Ziegler et al.'s proportional controller: β ← β (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon),
+    with KL the batch's mean KL per sequence and n its number of sequences."""
+    return beta * (1 + min(max(kl / target - 1, -0.2), 0.2) * n / horizon)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup(args)
+    if not args.resume and args.model == "runs/sft" and not Path("runs/sft").exists():
+        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
+    run_dir, start = start_run(args, rank)
+    policy, tok = load_model(str(run_dir) if args.resume else args.model, device)
+    ref = load_model(args.model, device)[0].requires_grad_(False) if args.beta > 0 else None
+    critic = Critic(load_model(args.model, device)[0]).to(device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    train, evals = load_task(args)
+    tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
+    tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
+    opt, critic_opt, beta = make_optimizer(policy, args), make_optimizer(critic, args), args.beta
+    if args.resume:
+        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        critic.load_state_dict(state["critic"])
+        critic_opt.load_state_dict(state["critic_optimizer"])
+        beta = state["beta"]
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or not 1 <= args.mini_batches <= per_rank * args.group_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks, and --mini-batches "
+                         f"{args.mini_batches} must be between 1 and the {per_rank * args.group_size} sequences of a rank")
+    if args.kl_target > 0 and args.beta <= 0:
+        raise SystemExit("error: --kl-target adapts β: it needs --beta > 0")
+    if rank == 0:
+        print(f"{policy.num_params() / 1e6:.2f}M parameters | {device} | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | "
+              f"batch {args.batch_size} prompts x {args.group_size} completions = {world} ranks x {per_rank * args.group_size} "
+              f"sequences in micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval | {run_dir}")
+    if start == 0:
+        metrics = evaluate(policy, tok, evals, args, amp)
+        log(run_dir, 0, metrics, rank)
+        if rank == 0:
+            print(f"before training: eval/accuracy {metrics['eval/accuracy']:.3f}")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+    for step in bar:
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        for group in critic_opt.param_groups:
+            group["lr"] = lr_at(step, dataclasses.replace(args, lr=args.critic_lr))
+        prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
+        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
+        t_gen = time.time() - t0
+        batch = collate(seqs, masks, tok.pad_id, device)
+        (ids, targets, mask), n_seqs = batch, args.batch_size * args.group_size
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)
+        kl = torch.zeros_like(old_logp)
+        if ref is not None:  # the KL penalty, per token: k1
+            kl = kl_k1(old_logp, sequence_logprobs(ref, batch, args.micro_batch_size, amp)) * mask
+        old_values = critic_values(critic, ids, mask, args.micro_batch_size, amp)
+        score = rewards.to(device) - args.no_eos_penalty * (~ended).to(device)
+        adv, returns = gae(token_rewards(score, kl, mask, beta), old_values, mask, args.gamma, args.lam)
+        if args.whiten:
+            mean, var = masked_mean_var(adv, mask)
+            adv = whiten(adv, mean, math.sqrt(var)) * mask
+        n_updates = args.epochs * args.mini_batches
+        # the policy: K epochs of clipped steps over shuffled mini-batches
+        loss_sum, clip_sum, k3_sum, ent_sum, grad_norm = 0.0, 0.0, 0.0, 0.0, 0.0
+        for epoch in range(args.epochs):
+            for idx in minibatches(len(seqs), args.mini_batches, args.seed, step, epoch, rank):
+                n_mb = all_sum(mask[idx].sum().item())[0]  # the mini-batch's completion tokens, all ranks
+                for i in range(0, len(idx), args.micro_batch_size):
+                    j = idx[i:i + args.micro_batch_size]
+                    with amp:
+                        logp, ent = policy(ids[j], targets[j], mask=mask[j], entropy=True)
+                    loss, clipped, k3 = ppo_loss(logp.float(), old_logp[j], adv[j], mask[j], args.clip, n_mb)
+                    loss.backward()
+                    loss_sum, clip_sum, k3_sum = loss_sum + loss.item(), clip_sum + clipped.item(), k3_sum + k3.item()
+                    ent_sum += (ent.detach() * mask[j]).sum().item()
+                sync_grads(policy)
+                grad_norm += torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf")).item()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        # the critic: the same epochs and mini-batches, clipped value loss
+        value_sum = 0.0
+        for epoch in range(args.epochs):
+            for idx in minibatches(len(seqs), args.mini_batches, args.seed, step, epoch, rank):
+                n_mb = all_sum(mask[idx].sum().item())[0]
+                for i in range(0, len(idx), args.micro_batch_size):
+                    j = idx[i:i + args.micro_batch_size]
+                    with amp:
+                        values = critic(ids[j])
+                    loss = value_loss(values.float(), old_values[j], returns[j], mask[j], args.vf_clip, n_mb)
+                    loss.backward()
+                    value_sum += loss.item()
+                sync_grads(critic)
+                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or float("inf"))
+                critic_opt.step()
+                critic_opt.zero_grad(set_to_none=True)
+        _, var_returns = masked_mean_var(returns, mask)
+        _, var_error = masked_mean_var(returns - old_values, mask)
+        loss_sum, value_sum, clip_sum, k3_sum, ent_sum, n_tok, reward_sum, kl_sum, n_ended = all_sum(
+            loss_sum, value_sum, clip_sum, k3_sum, ent_sum, mask.sum().item(), rewards.sum().item(), kl.sum().item(),
+            ended.sum().item())
+        check_finite(loss_sum + value_sum, step, run_dir)
+        metrics = {"train/loss": loss_sum / n_updates, "train/value_loss": value_sum / n_updates,
+                   "train/reward": reward_sum / n_seqs, "train/kl": kl_sum / n_seqs, "train/beta": beta,
+                   "train/approx_kl": k3_sum / (args.epochs * n_tok), "train/clipfrac": clip_sum / (args.epochs * n_tok),
+                   "train/entropy": ent_sum / (args.epochs * n_tok), "train/explained_variance": 1 - var_error / max(var_returns, 1e-12),
+                   "train/lr": lr_at(step, args), "train/grad_norm": grad_norm / n_updates,
+                   "train/completion_len": n_tok / n_seqs, "train/ended_with_eos": n_ended / n_seqs,
+                   "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
+                   "perf/tokens_per_sec": n_tok / (time.time() - t0)}
+        if args.kl_target > 0:
+            beta = adaptive_beta(beta, kl_sum / n_seqs, args.kl_target, n_seqs, args.kl_horizon)
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            metrics |= evaluate(policy, tok, evals, args, amp)
+        log(run_dir, step + 1, metrics, rank)
+        bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in ("train/reward", "train/kl", "eval/accuracy")})
+        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            policy.save_pretrained(run_dir, tok, state={"step": step + 1, "optimizer": opt.state_dict(), "beta": beta,
+                                                        "critic": critic.state_dict(), "critic_optimizer": critic_opt.state_dict()})
+    metrics = evaluate(policy, tok, evals, args, amp)
+    log(run_dir, args.steps, metrics, rank)
+    if rank == 0:
+        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | saved to {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""
+rejection_sampling.py: rejection sampling fine-tuning in rounds (RAFT, ReST-EM, expert iteration).
+
+Sample k completions of each prompt from the current policy, score them with the reward, keep the best
+one when it passes a threshold, fine-tune on the kept set with sft.py's loss, and start the next round
+from the improved policy (Dong et al., RAFT, arXiv 2304.06767; Gulcehre et al., ReST, arXiv 2308.08998;
+Singh et al., ReST-EM, arXiv 2312.06585; the rejection sampling stage of Llama 2, arXiv 2307.09288; the
+exposition follows Patel, arXiv 2509.04501). In ReST-EM's EM view the E-step samples from the current
+policy and weights each sample by the reward (the posterior of "the answer is right"), and the M-step
+maximises the log-likelihood of the kept set D_n, the SFT loss on self-generated data:
+
+    D_n = {(x, y_i) : y_1..y_k ~ π_θn(· | x), y_i passes the filter (r(x, y_i) ≥ τ)}
+    θ_n+1 = argmin_θ  − Σ_{(x,y) ∈ D_n} Σ_{t=1..|y|} log π_θ(y_t | x, y_<t)  /  Σ_{(x,y) ∈ D_n} |y|
+
+Choices made here where the literature differs:
+  1. Filter: of each prompt's k samples the best one, when its reward is at least --threshold τ (RAFT,
+     Llama 2; a tie goes to the first sampled), or with --keep all every sample that passes (ReST-EM).
+     A completion cut off by --max-new-tokens is never kept. A prompt with nothing kept drops out.
+  2. Identical kept completions of one prompt are kept once (--dedup; it matters only with --keep all).
+  3. Each round continues from the current policy (RAFT, expert iteration); --from-base instead
+     fine-tunes the starting model afresh on each round's kept set (ReST-EM), which limits drift.
+  4. Each round fine-tunes for --epochs E passes over its kept set in a seeded order, at a rate constant
+     within the round; --steps counts rounds, and the rate warms up and decays (cosine, to 10 %) over
+     them. The AdamW state carries over from round to round with the policy: a fresh AdamW's first
+     steps are sign-like (its second moments are one gradient's squares) and set the tiny model back at
+     the start of each round in our runs. --from-base starts both afresh.
+  5. The loss is sft.py's: the mean NLL over every completion token of the optimizer step, EOS included.
+  6. Data parallel under torchrun: each rank samples its share of the round's prompts; the kept set is
+     gathered in prompt order, so every rank holds the same global set and takes its share of each
+     batch as sft.py does, and the summed gradient equals the one-process gradient.
+
+Run:
+  python sft.py && python rejection_sampling.py                           # tiny model, `arith`, CPU
+  python rejection_sampling.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-5 \\
+      --steps 3 --prompts-per-round 1024 --group-size 4 --batch-size 64 --micro-batch-size 16 \\
+      --max-new-tokens 256                                                 # one GPU, bf16
+  torchrun --nproc_per_node=2 rejection_sampling.py                       # data parallel
+"""
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import gzip
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import GPT, Tokenizer, tiny_config
+
+
+@dataclass
+class Args:
+    model: str = "runs/sft"
+    """starting checkpoint: a Hugging Face directory, a hub id or a .gguf file"""
+    task: str = "arith"
+    """arith (built in) | gsm8k | jsonl"""
+    data_path: str = ""
+    """gsm8k: directory or URL prefix with train.jsonl and test.jsonl (default ../shared/data/gsm8k);
+    jsonl: a file or URL of {"prompt", "completion"} lines, the last --eval-size held out"""
+    train_size: int = 20000
+    """arith: number of training problems"""
+    eval_size: int = 500
+    """held-out examples scored (greedy) before, during and after training"""
+    run_name: str = ""
+    """output directory runs/<run-name> (default: the script's name)"""
+    seed: int = 0
+    """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    steps: int = 10
+    """rounds: sample, filter, fine-tune"""
+    batch_size: int = 16
+    """kept sequences per optimizer step, over all ranks"""
+    micro_batch_size: int = 16
+    """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
+    lr: float = 3e-4
+    """peak learning rate"""
+    warmup_steps: int = 0
+    """linear warmup rounds, then cosine decay to 10 % of --lr over the rounds"""
+    weight_decay: float = 0.1
+    """AdamW weight decay of the matrices"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this (0: no clipping)"""
+    max_new_tokens: int = 64
+    """generation budget of one completion"""
+    eval_every: int = 1
+    """evaluate every this many rounds (0: only before and after)"""
+    save_every: int = 1
+    """checkpoint every this many rounds (and at the end)"""
+    resume: bool = False
+    """continue runs/<run-name> from its last checkpoint"""
+    # Rejection sampling
+    prompts_per_round: int = 256
+    """prompts sampled per round, over all ranks"""
+    group_size: int = 8
+    """k: completions sampled per prompt"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts"""
+    top_p: float = 1.0
+    """nucleus sampling of the rollouts (1: off)"""
+    keep: str = "best"
+    """best (each prompt's highest-reward sample) | all (every sample that passes --threshold)"""
+    threshold: float = 1.0
+    """a sample is kept only when its reward is at least this"""
+    dedup: bool = True
+    """keep identical kept completions of one prompt once"""
+    epochs: float = 2.0
+    """E: passes over each round's kept set"""
+    from_base: bool = False
+    """fine-tune the starting model afresh each round (ReST-EM) instead of the current policy (RAFT)"""
+
+
+def parse_args(cls=Args):
+    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), **kind)
+    return cls(**vars(parser.parse_args()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
+
+NAMES = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Leo", "Mia", "Ned", "Oli",
+         "Pam", "Ray", "Sam", "Tom", "Uma", "Val", "Wes", "Zoe"]
+ITEMS = ["pens", "eggs", "cards", "coins", "books", "cups", "hats", "toys", "keys", "maps"]
+
+
+def arith_problem(rng):
+    """One `arith` word problem: add or subtract two-digit numbers, worked by place value."""
+    name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gets {b} more. How many now?", divmod(a, 10), divmod(b, 10)
+        work, ans = f"{ta}0 + {tb}0 + {ua} + {ub} = {ta + tb}0 + {ua + ub} = {a + b}", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gives away {b}. How many now?", divmod(a, 10), divmod(b, 10)
+        units = f"+ {ua - ub}" if ua >= ub else f"- {ub - ua}"
+        work, ans = f"{ta}0 - {tb}0 + {ua} - {ub} = {ta - tb}0 {units} = {a - b}", a - b
+    return {"prompt": q, "completion": f"{work}\n#### {ans}", "answer": str(ans)}
+
+
+def arith_split(n_train, n_eval, seed):
+    """Train and eval problems from separate seeded streams; a train problem equal to an eval one is dropped."""
+    rng = random.Random(f"arith-eval-{seed}")
+    evals = [arith_problem(rng) for _ in range(n_eval)]
+    held_out, rng, train = {e["prompt"] for e in evals}, random.Random(f"arith-train-{seed}"), []
+    while len(train) < n_train:
+        ex = arith_problem(rng)
+        if ex["prompt"] not in held_out:
+            train.append(ex)
+    return train, evals
+
+
+def read_jsonl(path, fields):
+    """Records of a .jsonl (or .jsonl.gz) file or URL; a bad line is an error naming the file and line."""
+    if str(path).startswith(("http://", "https://")):
+        cache = Path.home() / ".cache" / "post-training" / re.sub(r"[^\w.-]", "_", str(path))
+        if not cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            urllib.request.urlretrieve(str(path), cache.with_suffix(".part"))
+            os.replace(cache.with_suffix(".part"), cache)
+        path = cache
+    if not Path(path).exists():
+        raise SystemExit(f"error: {path}: no such data file")
+    rows = []
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{i}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise SystemExit(f"error: {path}:{i}: missing or non-string field {missing[0]!r} (expected {fields})")
+            rows.append(row)
+    return rows
+
+
+def load_task(args):
+    """(train, eval) lists of examples for --task."""
+    if args.task == "arith":
+        return arith_split(args.train_size, args.eval_size, args.seed)
+    if args.task == "gsm8k":
+        root = (args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k")).rstrip("/")
+        splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
+        clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
+        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]), "answer": final_answer(r["answer"]) or ""}
+        return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
+    if args.task == "jsonl":
+        if not args.data_path:
+            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
+        rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
+                for r in read_jsonl(args.data_path, ["prompt", "completion"])]
+        return rows[:-args.eval_size], rows[-args.eval_size:]
+    raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
+
+
+def final_answer(text):
+    """The number on the last '#### N' line, commas dropped; None when there is no such line."""
+    found = re.findall(r"^####\s*(-?[\d,]*\.?\d+)\s*$", text, flags=re.M)
+    return found[-1].replace(",", "") if found else None
+
+
+def score(completion, example):
+    """correct: the '#### N' answer equals the reference (strict); format: such a line exists;
+    lenient: the last number anywhere equals the reference. (jsonl without a number: exact text.)"""
+    got, numbers = final_answer(completion), re.findall(r"-?\d[\d,]*\.?\d*", completion)
+    lenient = bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == example["answer"]
+    correct = got == example["answer"] or completion.strip() == example["answer"]
+    return {"correct": float(correct), "format": float(got is not None), "lenient": float(lenient or correct)}
+
+
+def reward_fn(completion, example):
+    """The reward of one completion: swap in your own here (training and evaluation both call it)."""
+    return score(completion, example)["correct"]
+
+
+def prompt_ids(tok, text):
+    """Chat checkpoints get their chat format; plain ones (`tiny`) a plain Q/A layout."""
+    if tok.chat:
+        return tok.chat_prompt(f"{text}\nEnd with the final answer on its own line as: #### <number>")
+    return tok.chat_prompt(f"Q: {text}\nA: ")
+
+
+def tokenize(examples, tok, max_len, max_new_tokens, where):
+    """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
+    for i, ex in enumerate(examples):
+        ex["prompt_ids"], ex["completion_ids"] = prompt_ids(tok, ex["prompt"]), tok.encode(ex["completion"]) + [tok.eos_id]
+        need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
+        if need > max_len:
+            raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
+                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context of {max_len}")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared machinery: devices and ranks, batches, evaluation, logging, checkpoints
+
+
+def setup(args):
+    """(rank, world, device); under torchrun one process per device, gloo on CPU and NCCL on GPU."""
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    return rank, world, device
+
+
+def all_sum(*values):
+    """Sum numbers over ranks (one all-reduce); returns floats."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def sync_grads(model):
+    """Sum gradients over ranks with one all-reduce of a flat buffer (the losses are already divided
+    by their global normaliser, so the sum is the gradient of the whole batch)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def load_model(name, device):
+    """(model, tokenizer) for `tiny` or a checkpoint; a bad checkpoint is one clear error."""
+    if name == "tiny":
+        return GPT(tiny_config()).to(device), Tokenizer.byte_level()
+    try:
+        return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load {name}: {e}") from None
+
+
+def collate(seqs, loss_masks, pad_id, device):
+    """Right-padded (B, T) inputs, next-token targets and the mask of the targets in the loss."""
+    T = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in loss_masks], device=device)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def make_optimizer(model, args):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95))
+
+
+def lr_at(step, args):
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate(model, tok, examples, args, amp, keep=None):
+    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
+    list `keep`, this rank's (example, completion text) pairs are appended to it."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, totals = examples[rank::world], np.zeros(4)
+    for i in range(0, len(mine), 256):
+        batch = mine[i:i + 256]
+        with amp:
+            out, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
+                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        for ex, o, n in zip(batch, out.tolist(), mask.sum(1).tolist()):
+            text = tok.decode(o[:n])
+            s = score(text, ex)
+            totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+            if keep is not None:
+                keep.append((ex, text))
+    totals = all_sum(*totals)
+    return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+
+
+def log(run_dir, step, metrics, rank):
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+
+
+def start_run(args, rank):
+    """runs/<name>/ with args.json; on --resume, metrics logged after the checkpoint are dropped."""
+    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
+    step = 0
+    if args.resume:
+        if not (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+        step = torch.load(run_dir / "trainer_state.pt", weights_only=True)["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if args.resume and (run_dir / "metrics.jsonl").exists() else []
+        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    return run_dir, step
+
+
+def batch_indices(step, batch_size, n, seed):
+    """The examples of optimizer step `step`: consecutive slices of a seeded permutation per epoch."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset:offset + batch_size - len(out)].tolist()
+        out, pos = out + take, pos + len(take)
+    return out
+
+
+def check_finite(loss, step, run_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
+                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts: sample k completions of each prompt, score them; log-probs of what was sampled
+
+
+@torch.no_grad()
+def rollout(model, tok, examples, args, step, rank, amp):
+    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
+    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
+    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+    prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
+    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    with amp:
+        out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)
+    seqs, masks, rewards, texts, ended = [], [], [], [], []
+    for j, (p, o, n) in enumerate(zip(prompts, out.tolist(), mask.sum(1).tolist())):
+        texts.append(tok.decode(o[:n]))
+        seqs.append(p + o[:n])
+        masks.append([0] * len(p) + [1] * n)
+        rewards.append(reward_fn(texts[-1], examples[j // args.group_size]))
+        ended.append(o[n - 1] in tok.stop_ids)
+    return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch, micro_batch_size, amp):
+    """log π(target) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
+    ids, targets, mask = batch
+    out = []
+    for i in range(0, len(ids), micro_batch_size):
+        with amp:
+            out.append(model(ids[i:i + micro_batch_size], targets[i:i + micro_batch_size], mask=mask[i:i + micro_batch_size]).float())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rejection sampling: the filter, the kept set, and sft.py's loss
+
+
+def select(rewards, ended, keep, threshold):
+    """rewards (P, k), ended (P, k) bool (False: cut off by --max-new-tokens) -> kept (P, k) bool.
+    best: each prompt's highest-reward sample that ended (the first sampled among ties) when it reaches
+    the threshold; all: every sample that ended and reaches it."""
+    rewards, passing = rewards.float().masked_fill(~ended, -math.inf), (rewards >= threshold) & ended
+    if keep == "best":
+        return passing & torch.nn.functional.one_hot(rewards.argmax(1), rewards.shape[1]).bool()
+    if keep == "all":
+        return passing
+    raise SystemExit(f"error: unknown --keep {keep!r} (best, all)")
+
+
+def dedup(kept, seqs):
+    """kept (P, k) bool, seqs the P*k sampled sequences -> kept (P, k) without a sequence equal to an
+    earlier kept one of the same prompt."""
+    out, k = kept.clone(), kept.shape[1]
+    for i, j in kept.nonzero().tolist():
+        out[i, j] = all(seqs[i * k + j] != seqs[i * k + m] for m in range(j) if out[i, m])
+    return out
+
+
+def gather(items):
+    """This rank's kept examples as (key, example) -> every rank's, sorted by key: the same list on
+    every rank, in the order one process would have made it."""
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        items = [item for part in parts for item in part]
+    return [ex for _, ex in sorted(items, key=lambda item: item[0])]
+
+
+def sft_loss(logp, mask, n_tokens):
+    """logp (B, T) log-probs of the targets, mask (B, T) 1 on completion tokens; n_tokens is the number
+    of completion tokens in the whole optimizer step. Returns this micro-batch's share of the mean NLL."""
+    return -(logp * mask).sum() / n_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup(args)
+    if not args.resume and args.model == "runs/sft" and not Path("runs/sft").exists():
+        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
+    run_dir, start = start_run(args, rank)
+    model, tok = load_model(str(run_dir) if args.resume else args.model, device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    train, evals = load_task(args)
+    tokenize(train, tok, model.config.max_seq_len, args.max_new_tokens, "train")
+    tokenize(evals, tok, model.config.max_seq_len, args.max_new_tokens, "eval")
+    opt = make_optimizer(model, args)
+    if args.resume:
+        opt.load_state_dict(torch.load(run_dir / "trainer_state.pt", weights_only=True)["optimizer"])
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or per_rank % min(per_rank, args.micro_batch_size):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks x whole micro-batches "
+                         f"of {args.micro_batch_size}")
+    if rank == 0:
+        print(f"{model.num_params() / 1e6:.2f}M parameters | {device} | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | "
+              f"{args.prompts_per_round} prompts x {args.group_size} samples a round, keep {args.keep} >= {args.threshold}, "
+              f"{args.epochs:g} epochs of batch {args.batch_size} = {world} ranks x {per_rank // min(per_rank, args.micro_batch_size)} "
+              f"micro-batches x {min(per_rank, args.micro_batch_size)} | {len(train)} train, {len(evals)} eval examples | {run_dir}")
+    if start == 0:
+        metrics = evaluate(model, tok, evals, args, amp)
+        log(run_dir, 0, metrics, rank)
+        if rank == 0:
+            print(f"before training: eval/accuracy {metrics['eval/accuracy']:.3f}")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+    for step in bar:  # one round: sample k of each prompt, keep, fine-tune for E epochs
+        t0 = time.time()
+        prompts = [train[i] for i in batch_indices(step, args.prompts_per_round, len(train), args.seed)]
+        shard, items, n_pass, n_accept, reward_sum = list(enumerate(prompts))[rank::world], [], 0, 0, 0.0
+        for c in range(0, len(shard), args.micro_batch_size):  # sample micro-batch by micro-batch of prompts
+            chunk = shard[c:c + args.micro_batch_size]
+            seqs, _, rewards, _, ended = rollout(model, tok, [ex for _, ex in chunk], args,
+                                                 step * args.prompts_per_round + c, rank, amp)
+            rewards, ended = rewards.view(-1, args.group_size), ended.view(-1, args.group_size)
+            kept = select(rewards, ended, args.keep, args.threshold)
+            kept = dedup(kept, seqs) if args.dedup else kept
+            for i, j in kept.nonzero().tolist():  # as sft.py's examples, keyed by (prompt position, sample)
+                seq, n = seqs[i * args.group_size + j], len(chunk[i][1]["prompt_ids"])
+                items.append(((chunk[i][0], j), {"prompt_ids": seq[:n], "completion_ids": seq[n:]}))
+            n_pass += select(rewards, ended, "all", args.threshold).sum().item()
+            n_accept, reward_sum = n_accept + kept.any(1).sum().item(), reward_sum + rewards.sum().item()
+        t_gen, kept = time.time() - t0, gather(items)
+        n_pass, n_accept, reward_sum = all_sum(n_pass, n_accept, reward_sum)
+        if args.from_base:  # ReST-EM: the starting model and a new optimizer
+            model = load_model(args.model, device)[0]
+            opt = make_optimizer(model, args)
+        n_steps = math.ceil(args.epochs * len(kept) / args.batch_size)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        seed, loss_total, grad_total, n_seen = int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0]), 0.0, 0.0, 0
+        for s in range(n_steps):
+            batch = [kept[i] for i in batch_indices(s, args.batch_size, len(kept), seed)]
+            n_tokens = sum(len(ex["completion_ids"]) for ex in batch)  # known on every rank: no communication
+            mine, loss_sum = batch[rank::world], 0.0
+            for i in range(0, len(mine), args.micro_batch_size):
+                micro = mine[i:i + args.micro_batch_size]
+                ids, targets, mask = collate([ex["prompt_ids"] + ex["completion_ids"] for ex in micro],
+                                             [[0] * len(ex["prompt_ids"]) + [1] * len(ex["completion_ids"]) for ex in micro],
+                                             tok.pad_id, device)
+                with amp:
+                    loss = sft_loss(model(ids, targets, mask=mask), mask, n_tokens)
+                loss.backward()
+                loss_sum += loss.item()
+            sync_grads(model)
+            (loss_sum,) = all_sum(loss_sum)
+            check_finite(loss_sum, step, run_dir)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_total, grad_total = loss_total + loss_sum, grad_total + grad_norm
+            n_seen += sum(len(ex["prompt_ids"]) + len(ex["completion_ids"]) for ex in batch)
+        n_samples = len(prompts) * args.group_size
+        metrics = {"train/loss": loss_total / max(1, n_steps), "train/reward": reward_sum / n_samples,
+                   "train/acceptance_rate": n_accept / len(prompts), "train/pass_rate": n_pass / n_samples,
+                   "train/kept": len(kept), "train/opt_steps": n_steps, "train/lr": lr_at(step, args),
+                   "train/grad_norm": grad_total / max(1, n_steps), "perf/gen_seconds": t_gen,
+                   "perf/train_seconds": time.time() - t0 - t_gen, "perf/tokens_per_sec": n_seen / (time.time() - t0 - t_gen)}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            metrics |= evaluate(model, tok, evals, args, amp)
+        log(run_dir, step + 1, metrics, rank)
+        bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items()
+                         if k in ("train/acceptance_rate", "train/kept", "train/loss", "eval/accuracy")})
+        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            model.save_pretrained(run_dir, tok, state={"step": step + 1, "optimizer": opt.state_dict()})
+    metrics = evaluate(model, tok, evals, args, amp)
+    log(run_dir, args.steps, metrics, rank)
+    if rank == 0:
+        print(f"after {args.steps} rounds: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | saved to {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
