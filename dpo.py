@@ -10,10 +10,11 @@ the implicit reward model r(x,y) = β log π_θ(y|x)/π_ref(y|x) of a Bradley-Te
 Choices made here where the literature differs:
   1. Pairs (--task). arith (default) and gsm8k: built from the task by sampling the starting model:
      --group-size k completions of each prompt (temperature --temperature, --max-new-tokens, the seeds
-     fixed by --seed and the prompt's chunk), each scored by reward_fn; chosen = a random one of those
-     with the highest reward, rejected = a random one of those with the lowest, both drawn by one
-     random.Random(f"pairs-{seed}") in prompt order; a prompt whose k rewards are all equal gives no
-     pair (counted and logged as data/skipped_*). Training pairs come from the --train-size training
+     fixed by --seed and the prompt's chunk), each scored by reward_fn; up to --pairs-per-prompt pairs per
+     prompt, each rejected a different one of the distinct lowest-reward samples and its chosen a random
+     one of the highest-reward ones (several pairs use more of the k samples than one: 1 is the usual
+     one pair per prompt), all drawn by one random.Random(f"pairs-{seed}") in prompt order; a prompt
+     whose k rewards are all equal gives no pair (counted and logged as data/skipped_*). Training pairs come from the --train-size training
      prompts, held-out pairs from the --eval-size eval prompts, never trained on. hh: Anthropic
      HH-RLHF {"chosen", "rejected"} dialogues; the prompt is the text up to and including the last
      "\n\nAssistant:" (it must be the same in both, else the pair is skipped and counted), the
@@ -28,7 +29,8 @@ Choices made here where the literature differs:
      Chowdhury et al. 2024, arXiv 2403.00409: unbiased under flips at rate ε); ipo ((h − 1/(2β))²,
      Azar et al. 2023, arXiv 2310.12036); hinge (max(0, 1 − βh), SLiC). --rpo-alpha adds α times the
      NLL of the chosen completions (RPO, Pang et al. 2024, arXiv 2404.19733), against the fall of the
-     chosen log-probs; --length-norm divides each log-ratio by the completion's length in tokens.
+     chosen log-probs: on by default (α = 1), since without it plain DPO at --lr 1e-4 took the tiny model
+     from 59% to 13% held-out accuracy in our run, its chosen log-probs falling with the rejected; --length-norm divides each log-ratio by the completion's length in tokens.
   4. Aggregation: the pairwise loss is a mean over the pairs of the optimizer step (a global
      normaliser over micro-batches and ranks); the NLL term is token-weighted over every chosen token
      of the step, sft.py's loss.
@@ -93,13 +95,13 @@ class Args:
     """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
     device: str = "auto"
     """auto | cpu | cuda"""
-    steps: int = 300
+    steps: int = 200
     """optimizer steps"""
     batch_size: int = 32
     """pairs per optimizer step, over all ranks (also: prompts per sampling call when building pairs)"""
     micro_batch_size: int = 32
     """pairs (two sequences each) per forward/backward on one rank (gradient accumulation when smaller)"""
-    lr: float = 1e-4
+    lr: float = 5e-5
     """peak learning rate"""
     warmup_steps: int = 10
     """linear warmup steps, then cosine decay to 10 % of --lr"""
@@ -122,12 +124,14 @@ class Args:
     """sigmoid (DPO) | robust (rDPO) | ipo | hinge"""
     label_smoothing: float = 0.0
     """ε: the assumed rate of flipped labels (sigmoid: conservative DPO; robust: rDPO); 0: plain DPO"""
-    rpo_alpha: float = 0.0
+    rpo_alpha: float = 1.0
     """weight of the NLL of the chosen completions added to the loss (RPO); 0: off"""
     length_norm: bool = False
     """divide each log-ratio by its completion's length in tokens"""
     max_len: int = 0
     """hh, jsonl: tokens of prompt + longer completion kept (0: the model's context); see choice 1"""
+    pairs_per_prompt: int = 1
+    """arith, gsm8k: pairs made from one prompt's samples, each with a different rejected one (choice 1)"""
     group_size: int = 8
     """k: completions sampled per prompt"""
     temperature: float = 1.0
@@ -475,11 +479,14 @@ def sample_pairs(model, tok, examples, args, amp):
         hi, lo = max(r for _, r in group), min(r for _, r in group)
         if hi == lo:
             continue
-        chosen = rng.choice([s for s, r in group if r == hi])
-        rejected = rng.choice([s for s, r in group if r == lo])
-        n = len(ex["prompt_ids"])
-        pairs.append({"prompt_ids": ex["prompt_ids"], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:], "index": i})
-    return pairs, len(examples) - len(pairs)
+        best, worst, n = [s for s, r in group if r == hi], [], len(ex["prompt_ids"])
+        for s, r in group:  # the distinct lowest-reward samples, in sampling order
+            if r == lo and s not in worst:
+                worst.append(s)
+        for rejected in rng.sample(worst, min(args.pairs_per_prompt, len(worst))):
+            chosen = rng.choice(best)
+            pairs.append({"prompt_ids": ex["prompt_ids"], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:], "index": i})
+    return pairs, len(examples) - len({p["index"] for p in pairs})
 
 
 HH_TURN = "\n\nAssistant:"

@@ -149,13 +149,13 @@ class Args:
     """K: the critic's passes over each batch"""
     mini_batches: int = 2
     """critic optimizer steps per epoch: the batch is shuffled and split into this many mini-batches"""
-    max_kl: float = 0.01
+    max_kl: float = 0.002
     """δ: the trust region, the most mean KL(π_old ‖ π_θ) per completion token one step may take"""
-    cg_iters: int = 10
+    cg_iters: int = 5
     """conjugate-gradient iterations (one Fisher-vector product each)"""
     cg_damping: float = 0.1
     """CG solves (F + damping · I) x = g"""
-    fvp_subsample: int = 4
+    fvp_subsample: int = 8
     """F from every n-th sequence of the batch only (1: all): it only sets the metric of the step"""
     line_search_steps: int = 10
     """backtracking tries (the step halved each time) before the step is rejected"""

@@ -106,7 +106,7 @@ def test_sample_pairs_choice_rule(monkeypatch):
         return seqs, None, torch.tensor([r for ex in chunk for r in rewards[ex["prompt_ids"][0] - 100]]), None, None
 
     monkeypatch.setattr(D, "rollout", fake_rollout)
-    args = D.Args(group_size=4, batch_size=2)
+    args = D.Args(group_size=4, batch_size=2, pairs_per_prompt=1)
     pairs, skipped = D.sample_pairs(None, None, examples, args, None)
     assert skipped == 2 and [p["index"] for p in pairs] == [0, 2, 4]
     for p in pairs:
@@ -114,6 +114,12 @@ def test_sample_pairs_choice_rule(monkeypatch):
         assert p["prompt_ids"] == [100 + p["index"]] and p["chosen_ids"][0] == p["index"] // 2  # chunk of 2 prompts
         assert r[p["chosen_ids"][1]] == max(r) and r[p["rejected_ids"][1]] == min(r)
     assert pairs == D.sample_pairs(None, None, examples, args, None)[0]  # seeded
+    many, skipped = D.sample_pairs(None, None, examples, D.Args(group_size=4, batch_size=2, pairs_per_prompt=4), None)
+    assert skipped == 2 and [p["index"] for p in many] == [0, 0, 2, 2, 4, 4, 4]  # one pair per distinct worst sample
+    for p in many:
+        r = rewards[p["index"]]
+        assert r[p["chosen_ids"][1]] == max(r) and r[p["rejected_ids"][1]] == min(r)
+    assert len({(p["index"], p["rejected_ids"][1]) for p in many}) == len(many)  # each rejected once
 
 
 def test_hh_prompt_split(tmp_path):
