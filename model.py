@@ -338,7 +338,9 @@ def sample_next(logits, temperature, top_p, top_k, gen):
 
 
 def _chunk_rows(n_rows, vocab, chunk_size):
-    return chunk_size or max(1, min(n_rows, (1 << 23) // vocab))  # about 32 MB of fp32 logits a chunk
+    # 1024 rows (or 32 MB of fp32 logits, if that is more rows): large enough for full-speed matrix
+    # products and few passes over the weight's gradient; one block is 1024 x V floats (600 MB at V = 152k)
+    return chunk_size or max(1, min(n_rows, max(1024, (1 << 23) // vocab)))
 
 
 class _TokenLogprobs(torch.autograd.Function):
