@@ -44,7 +44,7 @@ Choices made here where the literature differs:
 
 Run:
   python sft.py && python dpo.py                                         # tiny model, `arith`, CPU
-  python dpo.py --task hh --eval-size 300 --max-len 256 --steps 150      # HH-RLHF pairs, tiny model, CPU
+  python dpo.py --task hh --eval-size 300 --max-len 256 --steps 150 --rpo-alpha 0 --lr 1e-4   # HH-RLHF, tiny, CPU
   python dpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task hh --eval-size 500 --lr 5e-7 \\
       --beta 0.1 --batch-size 64 --micro-batch-size 8 --steps 300 --max-len 1024    # one GPU, bf16
   torchrun --nproc_per_node=2 dpo.py                                     # data parallel
