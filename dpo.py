@@ -602,7 +602,8 @@ def load_pairs(args, ref, tok, amp):
         tokenize(evals, tok, ctx, args.max_new_tokens, "eval")
         pairs, _ = sample_pairs(ref, tok, train + evals, args, amp)
         tr, ev = [p for p in pairs if p["index"] < len(train)], [p for p in pairs if p["index"] >= len(train)]
-        return tr, ev, evals, {"data/skipped_train_prompts": len(train) - len(tr), "data/skipped_eval_prompts": len(evals) - len(ev)}
+        paired = lambda ps: len({p["index"] for p in ps})  # prompts that gave at least one pair
+        return tr, ev, evals, {"data/skipped_train_prompts": len(train) - paired(tr), "data/skipped_eval_prompts": len(evals) - paired(ev)}
     if args.task not in ("hh", "jsonl"):
         raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, hh, jsonl)")
     rows, mismatched = read_pairs(args)

@@ -4,6 +4,7 @@ bad data named by file and line, and smoke runs (arith with resume, hh, jsonl)."
 import gzip
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -120,6 +121,25 @@ def test_sample_pairs_choice_rule(monkeypatch):
         r = rewards[p["index"]]
         assert r[p["chosen_ids"][1]] == max(r) and r[p["rejected_ids"][1]] == min(r)
     assert len({(p["index"], p["rejected_ids"][1]) for p in many}) == len(many)  # each rejected once
+
+
+def test_load_pairs_counts_skipped_prompts(monkeypatch):
+    """data/skipped_*_prompts count prompts without a pair, also when one prompt gives several pairs."""
+    rewards = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]]  # 3 train, 2 eval prompts
+
+    def fake_rollout(model, tok, chunk, args, step, rank, amp):
+        seqs = [ex["prompt_ids"] + [j] for ex in chunk for j in range(4)]
+        return seqs, None, torch.tensor([r for ex in chunk for r in rewards[ex["prompt_ids"][0] - 100]]), None, None
+
+    examples = [{"prompt_ids": [100 + i]} for i in range(5)]
+    monkeypatch.setattr(D, "rollout", fake_rollout)
+    monkeypatch.setattr(D, "load_task", lambda args: (examples[:3], examples[3:]))
+    monkeypatch.setattr(D, "tokenize", lambda ex, *a: ex)
+    ref = types.SimpleNamespace(config=types.SimpleNamespace(max_seq_len=64))
+    for k, n_train, n_eval in [(1, 2, 1), (4, 5, 3)]:
+        tr, ev, evals, skipped = D.load_pairs(D.Args(group_size=4, batch_size=2, pairs_per_prompt=k), ref, None, None)
+        assert (len(tr), len(ev)) == (n_train, n_eval) and evals == examples[3:]
+        assert skipped == {"data/skipped_train_prompts": 1, "data/skipped_eval_prompts": 1}
 
 
 def test_hh_prompt_split(tmp_path):
