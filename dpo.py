@@ -34,8 +34,9 @@ Choices made here where the literature differs:
      --length-norm divides each log-ratio by the completion's length in tokens.
      Defaults (β = 0.01, α = 4, --lr 2e-4, 400 steps) are what worked on the tiny model and `arith` in
      our runs (README): a small β keeps the pairwise loss near its linear regime, so every pair keeps
-     pushing its margin (β 0.5, 0.1 and 0.02 ended lower on held-out preference accuracy), and α = 4
-     makes the run part SFT on the chosen (right) samples; Rafailov et al. use β = 0.1, no NLL term.
+     pushing its margin (β 0.5 and 0.1 ended lower on held-out preference accuracy, β 0.02 about the
+     same), and α = 4 makes the run part SFT on the chosen (right) samples; Rafailov et al. use β = 0.1
+     and no NLL term.
   4. Aggregation: the pairwise loss is a mean over the pairs of the optimizer step (a global
      normaliser over micro-batches and ranks); the NLL term is token-weighted over every chosen token
      of the step, sft.py's loss.
