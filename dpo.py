@@ -14,8 +14,9 @@ Choices made here where the literature differs:
      prompt, each rejected a different one of the distinct lowest-reward samples and its chosen a random
      one of the highest-reward ones (several pairs use more of the k samples than one: 1 is the usual
      one pair per prompt), all drawn by one random.Random(f"pairs-{seed}") in prompt order; a prompt
-     whose k rewards are all equal gives no pair (counted and logged as data/skipped_*). Training pairs come from the --train-size training
-     prompts, held-out pairs from the --eval-size eval prompts, never trained on. hh: Anthropic
+     whose k rewards are all equal gives no pair (counted and logged as data/skipped_*_prompts).
+     Training pairs come from the --train-size training prompts, held-out pairs from the --eval-size
+     eval prompts, never trained on. hh: Anthropic
      HH-RLHF {"chosen", "rejected"} dialogues; the prompt is the text up to and including the last
      "\n\nAssistant:" (it must be the same in both, else the pair is skipped and counted), the
      completions the final assistant turns; fed as raw text for every model (no chat template), each
