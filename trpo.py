@@ -46,13 +46,15 @@ Choices made here where the literature differs:
   7. δ is annealed: step t uses δ_t = δ (lr_t / lr)², lr_t the learning-rate schedule of the other scripts
      (--warmup-steps, then cosine to 10 %), so the step's length, which grows as √δ_t, follows the same
      schedule an optimizer's step does; the original keeps δ fixed. With δ fixed, runs of seeds 0 / 1 / 2
-     (one thread) ended at 73.6 / 69.0 / 70.0 %, annealed at 74.4 / 69.0 / 72.2 %. train/max_kl logs δ_t.
+     (one thread) ended at 73.6 / 69.0 / 70.0 %, annealed at 74.4 / 69.0 / 72.2 % (two threads, seed 0:
+     74.0 % fixed, 73.8 % annealed: the evidence is weak). train/max_kl logs δ_t.
 Cost of one policy step, in forward-backward passes over the batch (ppo.py: --epochs of them): 1 for
 g; about 1 for the kept graph of F's KL on the subsample, then per CG iteration about 1.5x that (a
-backward through a backward), i.e. ~4 for 10 iterations at --fvp-subsample 4, under 1 for the default 5
-at 16 (F and CG 0.7 s, g 0.9 s on 2 CPU threads); 2 forwards per line-search try. Memory: the kept double-backward graph (~3x the activations of a forward-backward
-of the subsample, logits included), four models (policy, its old copy, reference, critic), the
-critic's optimizer, a few flat parameter vectors; no optimizer state for the policy.
+backward through a backward), i.e. ~4 for 10 iterations at --fvp-subsample 4, under 1 for the
+default 5 at 16 (F and CG 0.7 s, g 0.9 s on 2 CPU threads); 2 forwards per line-search try. Memory:
+the kept double-backward graph (~3x the activations of a forward-backward of the subsample, logits
+included), four models (policy, its old copy, reference, critic), the critic's optimizer, a few flat
+parameter vectors; no optimizer state for the policy.
 
 Run:
   python sft.py && python trpo.py                                        # tiny model, `arith`, CPU
