@@ -753,10 +753,10 @@ def main():
         check_finite(value_sum, step, run_dir)
         metrics = {"train/value_loss": value_sum / n_updates,
                    "train/reward": reward_sum / n_seqs, "train/kl": kl_sum / n_seqs, "train/beta": beta,
-                   "train/kl_step": kl_step, "train/max_kl": max_kl, "train/step_accepted": float(accepted), "train/line_search_steps": tries,
-                   "train/surrogate_gain": gain, "train/expected_gain": expected, "train/cg_residual": cg_residual,
+                   "train/kl_step": kl_step, "train/max_kl": max_kl, "train/step_accepted": float(accepted),
+                   "train/line_search_steps": tries, "train/surrogate_gain": gain, "train/expected_gain": expected,
                    "train/entropy": ent_sum / n_tok, "train/explained_variance": 1 - var_error / max(var_returns, 1e-12),
-                   "perf/fvps": n_fvp, "perf/policy_seconds": t_policy,
+                   "train/cg_residual": cg_residual, "perf/fvps": n_fvp, "perf/policy_seconds": t_policy,
                    "train/completion_len": n_tok / n_seqs, "train/ended_with_eos": n_ended / n_seqs,
                    "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
                    "perf/tokens_per_sec": n_tok / (time.time() - t0)}
