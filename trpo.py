@@ -66,7 +66,6 @@ Run:
 import argparse
 import ast
 import contextlib
-import copy
 import dataclasses
 import gzip
 import inspect
@@ -605,27 +604,35 @@ def conjugate_gradient(Avp, b, iters, tol=1e-10):
 
 
 @torch.no_grad()
-def kl_and_gain(policy, old_policy, batch, adv, n_tokens, micro_batch_size, amp):
+def old_vocab_logprobs(policy, batch, micro_batch_size, amp):
+    """log π_old(· | s_t) at the batch's completion tokens, one (N_i, V) tensor per micro-batch: the policy
+    must be at θ_old. Computed once per step, so that each line-search try needs one forward, not two."""
+    ids, _, mask = batch
+    return [vocab_logprobs(policy, ids[i:i + micro_batch_size], mask[i:i + micro_batch_size], amp)
+            for i in range(0, len(ids), micro_batch_size)]
+
+
+@torch.no_grad()
+def kl_and_gain(policy, old, batch, adv, n_tokens, micro_batch_size, amp):
     """The exact mean KL(π_old ‖ π_θ) over the batch's completion tokens and the surrogate's gain over
-    θ_old, E_t[(ρ_t − 1) A_t], both over all ranks."""
+    θ_old, E_t[(ρ_t − 1) A_t], both over all ranks; old from old_vocab_logprobs."""
     ids, targets, mask = batch
     kl, gain = 0.0, 0.0
-    for i in range(0, len(ids), micro_batch_size):
+    for old_i, i in zip(old, range(0, len(ids), micro_batch_size)):
         j = slice(i, i + micro_batch_size)
-        new, old = (vocab_logprobs(m, ids[j], mask[j], amp) for m in (policy, old_policy))
-        keep = mask[j].bool()
+        new, keep = vocab_logprobs(policy, ids[j], mask[j], amp), mask[j].bool()
         y = targets[j][keep][:, None]
-        ratio = (new.gather(1, y) - old.gather(1, y)).squeeze(1).exp()
-        kl, gain = kl + kl_exact(old, new).sum().item(), gain + ((ratio - 1) * adv[j][keep]).sum().item()
+        ratio = (new.gather(1, y) - old_i.gather(1, y)).squeeze(1).exp()
+        kl, gain = kl + kl_exact(old_i, new).sum().item(), gain + ((ratio - 1) * adv[j][keep]).sum().item()
     kl, gain = all_sum(kl, gain)
     return kl / n_tokens, gain / n_tokens
 
 
-def line_search(policy, old_policy, full_step, measure, max_kl, tries):
+def line_search(policy, theta_old, full_step, measure, max_kl, tries):
     """Backtracking: θ = θ_old + 0.5^i full_step for i = 0, 1, ..., tries − 1; keep the first θ whose
     measured mean KL is at most max_kl and whose surrogate gain is positive, else put θ_old back.
-    `measure()` gives (KL, gain) at the policy's current parameters. Returns (accepted, KL, gain, tries used)."""
-    theta_old = parameters_to_vector(old_policy.parameters())
+    θ_old, full_step flat (n_params,); `measure()` gives (KL, gain) at the policy's current parameters.
+    Returns (accepted, KL, gain, tries used)."""
     for i in range(tries):
         vector_to_parameters(theta_old + 0.5 ** i * full_step, policy.parameters())
         kl, gain = measure()
@@ -665,7 +672,7 @@ def main():
     train, evals = load_task(args)
     tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
     tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
-    old_policy, critic_opt, beta = copy.deepcopy(policy).requires_grad_(False), make_optimizer(critic, args), args.beta
+    critic_opt, beta = make_optimizer(critic, args), args.beta
     if args.resume:
         state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
         critic.load_state_dict(state["critic"])
@@ -709,7 +716,7 @@ def main():
         n_updates = args.epochs * args.mini_batches
         # the policy: one natural-gradient step inside the trust region KL̄ ≤ δ
         t_policy, n_tok = time.time(), all_sum(mask.sum().item())[0]
-        old_policy.load_state_dict(policy.state_dict())
+        theta_old = parameters_to_vector(policy.parameters()).detach()  # a copy (torch.cat)
         ent_sum = 0.0
         for i in range(0, len(seqs), args.micro_batch_size):
             j = slice(i, i + args.micro_batch_size)
@@ -726,8 +733,9 @@ def main():
         del fisher  # frees the graphs it kept
         max_kl = args.max_kl * (lr_at(step, args) / args.lr) ** 2  # δ_t: the step's length follows the lr schedule
         full_step = math.sqrt(2 * max_kl / max((x @ (g - r)).item(), 1e-12)) * x  # ½ sᵀ(F + damping) s = δ_t
-        measure = lambda: kl_and_gain(policy, old_policy, batch, adv, n_tok, args.micro_batch_size, amp)
-        accepted, kl_step, gain, tries = line_search(policy, old_policy, full_step, measure, max_kl, args.line_search_steps)
+        old_vocab = old_vocab_logprobs(policy, batch, args.micro_batch_size, amp)  # (N, V) floats, kept for the search
+        measure = lambda: kl_and_gain(policy, old_vocab, batch, adv, n_tok, args.micro_batch_size, amp)
+        accepted, kl_step, gain, tries = line_search(policy, theta_old, full_step, measure, max_kl, args.line_search_steps)
         expected = (g @ full_step).item() * 0.5 ** (tries - 1) * accepted
         cg_residual, t_policy = (r.norm() / g.norm().clamp(min=1e-12)).item(), time.time() - t_policy
         # the critic: the same epochs and mini-batches, clipped value loss

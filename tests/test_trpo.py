@@ -1,7 +1,6 @@
 """trpo.py: conjugate gradient, the Fisher-vector product against the explicitly formed Fisher matrix,
 the trust-region step size, the line search, and a smoke run with resume in which no accepted step
 exceeds δ."""
-import copy
 import json
 
 import pytest
@@ -91,7 +90,7 @@ def test_natural_gradient_step_meets_the_trust_region():
     """With no damping, the step scaled to ½ sᵀF s = δ has a measured KL close to δ when δ is small
     (the quadratic model of the KL is right to second order), and the line search accepts it."""
     policy, batch = tiny_policy(), tiny_batch()
-    old = copy.deepcopy(policy).requires_grad_(False)
+    old, theta_old = T.old_vocab_logprobs(policy, batch, 3, NULL), T.parameters_to_vector(policy.parameters()).detach()
     n_tok, delta = int(batch[2].sum()), 1e-5
     adv = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * batch[2]
     ids, targets, mask = batch
@@ -104,38 +103,36 @@ def test_natural_gradient_step_meets_the_trust_region():
     s = (2 * delta / (x @ (g - r))).sqrt() * x
     assert (0.5 * s @ fvp(s)).item() == pytest.approx(delta, rel=1e-3)
     measure = lambda: T.kl_and_gain(policy, old, batch, adv, n_tok, 3, NULL)
-    accepted, kl, gain, tries = T.line_search(policy, old, s, measure, 1.5 * delta, 1)
+    accepted, kl, gain, tries = T.line_search(policy, theta_old, s, measure, 1.5 * delta, 1)
     assert accepted and kl == pytest.approx(delta, rel=0.05) and gain > 0
     assert gain == pytest.approx((g @ s).item(), rel=0.05)  # and the surrogate's gain the linear model's
 
 
 def test_line_search_rejects_a_step_that_breaks_the_kl_bound():
     policy, batch = tiny_policy(), tiny_batch()
-    old = copy.deepcopy(policy).requires_grad_(False)
-    theta_old = T.parameters_to_vector(policy.parameters()).clone()
+    old, theta_old = T.old_vocab_logprobs(policy, batch, 3, NULL), T.parameters_to_vector(policy.parameters()).detach()
     adv = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * batch[2]
     n_tok = int(batch[2].sum())
     step = torch.randn(theta_old.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     measure = lambda: T.kl_and_gain(policy, old, batch, adv, n_tok, 3, NULL)
     T.vector_to_parameters(theta_old + step, policy.parameters())
     assert measure()[0] > 0.1  # this step moves the policy a lot
-    accepted, kl, gain, tries = T.line_search(policy, old, step, measure, 1e-3, 3)  # and so do 1/2 and 1/4 of it
+    accepted, kl, gain, tries = T.line_search(policy, theta_old, step, measure, 1e-3, 3)  # and so do 1/2 and 1/4 of it
     assert not accepted and (kl, gain, tries) == (0.0, 0.0, 3)
     assert torch.equal(T.parameters_to_vector(policy.parameters()), theta_old)  # the old parameters are back
     # a step that makes the surrogate worse is rejected too, however small its KL
     T.vector_to_parameters(theta_old + 1e-3 * step, policy.parameters())
     worse = 1e-3 * (step if measure()[1] < 0 else -step)
-    assert not T.line_search(policy, old, worse, measure, 1.0, 1)[0]
+    assert not T.line_search(policy, theta_old, worse, measure, 1.0, 1)[0]
     assert torch.equal(T.parameters_to_vector(policy.parameters()), theta_old)
 
 
 def test_line_search_backtracks_to_the_first_step_inside_the_bound():
     policy = tiny_policy()
-    old = copy.deepcopy(policy).requires_grad_(False)
-    theta_old = T.parameters_to_vector(policy.parameters()).clone()
+    theta_old = T.parameters_to_vector(policy.parameters()).detach()
     step = torch.ones_like(theta_old)
     kls = iter([0.5, 0.2, 0.05, 0.01])
-    accepted, kl, gain, tries = T.line_search(policy, old, step, lambda: (next(kls), 1.0), 0.1, 10)
+    accepted, kl, gain, tries = T.line_search(policy, theta_old, step, lambda: (next(kls), 1.0), 0.1, 10)
     assert accepted and (kl, tries) == (0.05, 3)
     torch.testing.assert_close(T.parameters_to_vector(policy.parameters()), theta_old + 0.25 * step)
 
