@@ -40,7 +40,8 @@ Choices made here where the literature differs:
   4. Acceptance: KL̄ ≤ δ and a positive surrogate gain (the original also asks for a fraction of the
      linearly expected gain gᵀs, logged as train/expected_gain). train/kl_step is the measured KL̄ of
      the accepted step (0 when it was rejected), so it never exceeds δ (δ_t, choice 7).
-  5. θ_old is kept in a frozen copy of the policy, for the line search's KL and for rejection.
+  5. θ_old is kept as a flat vector (for rejection) and π_old as its log-probabilities over the vocabulary
+     at the batch's completion tokens, computed once per step, so a line-search try is one forward.
   6. Defaults: 60 steps of 32 prompts where ppo.py takes 100 of 16 (one step per batch, so a batch
      that estimates g better); F from 8 of the 128 sequences (--fvp-subsample 16).
   7. δ is annealed: step t uses δ_t = δ (lr_t / lr)², lr_t the learning-rate schedule of the other scripts
@@ -51,10 +52,11 @@ Choices made here where the literature differs:
 Cost of one policy step, in forward-backward passes over the batch (ppo.py: --epochs of them): 1 for
 g; about 1 for the kept graph of F's KL on the subsample, then per CG iteration about 1.5x that (a
 backward through a backward), i.e. ~4 for 10 iterations at --fvp-subsample 4, under 1 for the
-default 5 at 16 (F and CG 0.7 s, g 0.9 s on 2 CPU threads); 2 forwards per line-search try. Memory:
-the kept double-backward graph (~3x the activations of a forward-backward of the subsample, logits
-included), four models (policy, its old copy, reference, critic), the critic's optimizer, a few flat
-parameter vectors; no optimizer state for the policy.
+default 5 at 16 (F and CG 0.7 s, g 0.9 s on 2 CPU threads); 1 forward for π_old and 1 per line-search
+try. Memory: the kept double-backward graph (~3x the activations of a forward-backward of the subsample,
+logits included), π_old over the vocabulary at every completion token of the batch (N x V floats: 5 MB
+here, 128 x 200 tokens x 49152 = 5 GB for SmolLM2 on gsm8k), three models (policy, reference, critic),
+the critic's optimizer, a few flat parameter vectors; no optimizer state for the policy.
 
 Run:
   python sft.py && python trpo.py                                        # tiny model, `arith`, CPU
