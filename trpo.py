@@ -740,6 +740,7 @@ def main():
         accepted, kl_step, gain, tries = line_search(policy, theta_old, full_step, measure, max_kl, args.line_search_steps)
         expected = (g @ full_step).item() * 0.5 ** (tries - 1) * accepted
         cg_residual, t_policy = (r.norm() / g.norm().clamp(min=1e-12)).item(), time.time() - t_policy
+        cos_g = (x @ g / (x.norm() * g.norm()).clamp(min=1e-12)).item()  # 1: the step is along the plain gradient
         # the critic: the same epochs and mini-batches, clipped value loss
         value_sum = 0.0
         for epoch in range(args.epochs):
@@ -766,9 +767,9 @@ def main():
                    "train/kl_step": kl_step, "train/max_kl": max_kl, "train/step_accepted": float(accepted),
                    "train/line_search_steps": tries, "train/surrogate_gain": gain, "train/expected_gain": expected,
                    "train/entropy": ent_sum / n_tok, "train/explained_variance": 1 - var_error / max(var_returns, 1e-12),
-                   "train/cg_residual": cg_residual, "perf/fvps": n_fvp, "perf/policy_seconds": t_policy,
+                   "train/cg_residual": cg_residual, "train/step_cos_gradient": cos_g, "perf/fvps": n_fvp,
                    "train/completion_len": n_tok / n_seqs, "train/ended_with_eos": n_ended / n_seqs,
-                   "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
+                   "perf/policy_seconds": t_policy, "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
                    "perf/tokens_per_sec": n_tok / (time.time() - t0)}
         if args.kl_target > 0:
             beta = adaptive_beta(beta, kl_sum / n_seqs, args.kl_target, n_seqs, args.kl_horizon)

@@ -145,8 +145,8 @@ def test_smoke_and_resume_and_the_kl_bound(monkeypatch, tmp_path, tiny_ckpt):
     assert [r["step"] for r in train] == [1, 2, 3]
     for r in train:
         assert {"train/kl_step", "train/step_accepted", "train/line_search_steps", "train/cg_residual", "perf/fvps",
-                "train/value_loss", "train/explained_variance", "train/entropy", "train/kl"} <= r.keys()
-        assert 0 <= r["train/kl_step"] <= r["train/max_kl"] and r["perf/fvps"] <= 4
+                "train/step_cos_gradient", "train/value_loss", "train/explained_variance", "train/entropy", "train/kl"} <= r.keys()
+        assert 0 <= r["train/kl_step"] <= r["train/max_kl"] and r["perf/fvps"] <= 4 and -1 <= r["train/step_cos_gradient"] <= 1
         lr_t = T.lr_at(r["step"] - 1, T.Args(steps=3, warmup_steps=1))  # δ_t = δ (lr_t / lr)²
         assert r["train/max_kl"] == pytest.approx(0.005 * (lr_t / T.Args.lr) ** 2, abs=1e-6)
     assert sum(r["train/step_accepted"] for r in train) >= 1 and max(r["train/kl_step"] for r in train) > 0
