@@ -772,9 +772,10 @@ def main():
                    "train/kl_step": kl_step, "train/max_kl": max_kl, "train/step_accepted": float(accepted),
                    "train/line_search_steps": tries, "train/surrogate_gain": gain, "train/expected_gain": expected,
                    "train/entropy": ent_sum / n_tok, "train/explained_variance": 1 - var_error / max(var_returns, 1e-12),
-                   "train/cg_residual": cg_residual, "train/step_cos_gradient": cos_g, "perf/fvps": n_fvp,
+                   "train/cg_residual": cg_residual, "train/step_cos_gradient": cos_g,
+                   "perf/fvps": n_fvp, "perf/policy_seconds": t_policy,
                    "train/completion_len": n_tok / n_seqs, "train/ended_with_eos": n_ended / n_seqs,
-                   "perf/policy_seconds": t_policy, "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
+                   "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
                    "perf/tokens_per_sec": n_tok / (time.time() - t0)}
         if args.kl_target > 0:
             beta = adaptive_beta(beta, kl_sum / n_seqs, args.kl_target, n_seqs, args.kl_horizon)
