@@ -36,7 +36,9 @@ Choices made here where the literature differs:
      clipfrac the fraction of tokens with |ρ − 1| > ε, both averaged over the epochs; explained
      variance 1 − Var(R − V_old) / Var(R); train/kl is KL(π_old ‖ π_ref), Σ_t k1 per sequence.
   8. Sampling at temperature 1 (--temperature); log-probs are recomputed with the training forward
-     pass (the sampler's numbers are never reused).
+     pass (the sampler's numbers are never reused). One completion for each of 64 prompts per step, as
+     in RLHF: the critic, not a group of samples, is the baseline, so distinct prompts give more
+     information than repeated ones (here 16 prompts x 4 completions, the same cost, learned more slowly).
 Memory: three models (policy, reference, critic) and two optimizer states.
 
 Run:
@@ -93,7 +95,7 @@ class Args:
     """auto | cpu | cuda"""
     steps: int = 100
     """optimizer steps"""
-    batch_size: int = 16
+    batch_size: int = 64
     """prompts per optimizer step, over all ranks (each with --group-size completions)"""
     micro_batch_size: int = 64
     """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
@@ -114,8 +116,8 @@ class Args:
     resume: bool = False
     """continue runs/<run-name> from its last checkpoint"""
     # PPO
-    group_size: int = 4
-    """k: completions sampled per prompt"""
+    group_size: int = 1
+    """k: completions sampled per prompt (the critic is the baseline, so one is enough)"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
