@@ -68,11 +68,12 @@ import math
 import os
 import random
 import re
-import sys
 import time
+import typing
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ from model import GPT, Tokenizer, tiny_config
 class Args:
     model: str = "runs/sft"
     """starting checkpoint (and reference): a Hugging Face directory, a hub id or a .gguf file"""
-    task: str = "arith"
+    task: Literal["arith", "gsm8k", "hh", "jsonl"] = "arith"
     """arith (built in) | gsm8k: pairs sampled from the starting model | hh | jsonl: pairs read from a file"""
     data_path: str = ""
     """gsm8k: directory or URL prefix with train.jsonl and test.jsonl (default ../shared/data/gsm8k);
@@ -100,8 +101,8 @@ class Args:
     """output directory runs/<run-name> (default: the script's name)"""
     seed: int = 0
     """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto (cuda when available) | cpu | cuda"""
     steps: int = 400
     """optimizer steps"""
     batch_size: int = 32
@@ -127,7 +128,7 @@ class Args:
     # DPO
     beta: float = 0.01
     """β: the strength of the implicit KL to the reference (IPO: τ)"""
-    loss: str = "sigmoid"
+    loss: Literal["sigmoid", "robust", "ipo", "hinge"] = "sigmoid"
     """sigmoid (DPO) | robust (rDPO) | ipo | hinge"""
     label_smoothing: float = 0.0
     """ε: the assumed rate of flipped labels (sigmoid: conservative DPO; robust: rDPO); 0: plain DPO"""
@@ -147,19 +148,250 @@ class Args:
     """nucleus sampling of the rollouts (1: off)"""
 
 
-def parse_args(cls=Args):
-    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), **kind)
-    return cls(**vars(parser.parse_args()))
+# ----------------------------------------------------------------------------------------------
+# DPO: preference pairs, reference log-probs, the losses
 
 
+def shard_map(fn, items):
+    """[fn(x) for x in items], with the items split over ranks (items[rank::world]) and the results
+    gathered back in order on every rank."""
+    if not dist.is_initialized():
+        return [fn(x) for x in items]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts, out = [None] * world, [None] * len(items)
+    dist.all_gather_object(parts, [fn(x) for x in items[rank::world]])
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def sample_pairs(model, tok, examples, args, amp):
+    """Pairs {"prompt_ids", "chosen_ids", "rejected_ids", "index"} made by sampling `model` (choice 1 of
+    the docstring), --batch-size prompts per call; returns the pairs and the number of prompts skipped."""
+    chunks = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+
+    def sample(c):  # the seed is fixed by the chunk (rank 0 for all): the same pairs on any number of ranks
+        seqs, _, rewards, _, _ = rollout(model, tok, chunks[c], args, c, 0, amp)
+        return list(zip(seqs, rewards.tolist()))
+
+    samples = [s for part in shard_map(sample, list(range(len(chunks)))) for s in part]
+    rng, pairs = random.Random(f"pairs-{args.seed}"), []
+    for i, ex in enumerate(examples):
+        group = samples[i * args.group_size:(i + 1) * args.group_size]  # (sequence, reward) x k
+        hi, lo = max(r for _, r in group), min(r for _, r in group)
+        if hi == lo:
+            continue
+        best, worst, n = [s for s, r in group if r == hi], [], len(ex["prompt_ids"])
+        for s, r in group:  # the distinct lowest-reward samples, in sampling order
+            if r == lo and s not in worst:
+                worst.append(s)
+        for rejected in rng.sample(worst, min(args.pairs_per_prompt, len(worst))):
+            chosen = rng.choice(best)
+            pairs.append({"prompt_ids": ex["prompt_ids"], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:],
+                          "index": i})
+    return pairs, len(examples) - len({p["index"] for p in pairs})
+
+
+HH_TURN = "\n\nAssistant:"
+
+
+def split_hh(dialogue):
+    """An HH-RLHF dialogue -> (prompt, completion): the prompt is everything up to and including the last
+    "\n\nAssistant:", the completion the final assistant turn after it; None when there is no such turn."""
+    i = dialogue.rfind(HH_TURN)
+    return None if i < 0 else (dialogue[:i + len(HH_TURN)], dialogue[i + len(HH_TURN):])
+
+
+def read_pairs(args):
+    """Text pairs {"prompt", "chosen", "rejected"} of --task hh or jsonl, and the number of HH pairs skipped
+    because chosen and rejected differ before their last assistant turn."""
+    if args.task == "jsonl":
+        if not args.data_path:
+            raise SystemExit('error: --task jsonl needs --data-path (a file or URL of {"prompt", "chosen", "rejected"} '
+                             'lines)')
+        return read_jsonl(args.data_path, ["prompt", "chosen", "rejected"]), 0
+    default = Path(__file__).resolve().parent.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+    path = args.data_path or str(default)
+    rows, pairs = read_jsonl(path, ["chosen", "rejected"]), []
+    for i, row in enumerate(rows, 1):
+        c, r = split_hh(row["chosen"]), split_hh(row["rejected"])
+        if c is None or r is None:
+            raise SystemExit(f"error: {path}: record {i}: the {'chosen' if c is None else 'rejected'} dialogue has "
+                             f"no {HH_TURN!r} turn (expected Anthropic HH-RLHF dialogues)")
+        if c[0] == r[0]:
+            pairs.append({"prompt": c[0], "chosen": c[1], "rejected": r[1]})
+    return pairs, len(rows) - len(pairs)
+
+
+def tokenize_pairs(rows, tok, max_len, raw):
+    """Token ids of text pairs: the prompt as raw text (hh) or as sft.py lays it out (jsonl), each completion
+    + EOS cut to its first max_len // 2 tokens (a cut one loses its EOS), the prompt to its last max_len −
+    (longer completion) tokens (cut from the left: the last turns survive). Returns (pairs, number cut)."""
+    pairs = []
+    for row in rows:
+        p = tok.encode(row["prompt"]) if raw else prompt_ids(tok, row["prompt"])
+        c, r = ((tok.encode(row[k]) + [tok.eos_id])[:max_len // 2] for k in ("chosen", "rejected"))
+        pairs.append({"prompt_ids": p[-(max_len - max(len(c), len(r))):], "chosen_ids": c, "rejected_ids": r})
+    return pairs, sum(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) == max_len
+                      for p in pairs)
+
+
+def collate_pairs(pairs, pad_id, device):
+    """The chosen then the rejected sequences of m pairs as one batch (2m, T): inputs, targets, loss mask."""
+    keys = ("chosen_ids", "rejected_ids")
+    return collate([p["prompt_ids"] + p[k] for k in keys for p in pairs],
+                   [[0] * len(p["prompt_ids"]) + [1] * len(p[k]) for k in keys for p in pairs], pad_id, device)
+
+
+@torch.no_grad()
+def pair_logps(model, tok, pairs, args, amp):
+    """Summed log-probs (N, 2) of each pair's chosen and rejected completion, --micro-batch-size pairs at a
+    time, split over ranks."""
+    def chunk(i):
+        batch = collate_pairs(pairs[i:i + args.micro_batch_size], tok.pad_id, model.lm_head.weight.device)
+        return sequence_logprobs(model, batch, 2 * args.micro_batch_size, amp).sum(1).view(2, -1).T.tolist()
+    starts = list(range(0, len(pairs), args.micro_batch_size))
+    return torch.tensor([lp for part in shard_map(chunk, starts) for lp in part])
+
+
+def log_ratios(pi, ref, lengths, length_norm):
+    """pi, ref (B, 2): summed log-probs of (chosen, rejected) under the policy and the reference; lengths
+    (B, 2) in tokens -> log π/π_ref (B, 2), per token with length_norm."""
+    return (pi - ref) / lengths if length_norm else pi - ref
+
+
+def dpo_loss(ratios, beta, kind="sigmoid", eps=0.0):
+    """ratios (B, 2): log π/π_ref of (chosen, rejected) -> the loss of each pair (B,), h = chosen − rejected:
+        sigmoid  −(1−ε) log σ(βh) − ε log σ(−βh)             (DPO; ε > 0: conservative DPO)
+        robust   (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1−2ε)   (rDPO)
+        ipo      (h − 1/(2β))²
+        hinge    max(0, 1 − βh)"""
+    h = ratios[:, 0] - ratios[:, 1]
+    logsig = torch.nn.functional.logsigmoid
+    if kind == "sigmoid":
+        return -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h)
+    if kind == "robust":
+        return (-(1 - eps) * logsig(beta * h) + eps * logsig(-beta * h)) / (1 - 2 * eps)
+    if kind == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return torch.relu(1 - beta * h)  # hinge
+
+
+def pair_stats(pi, ratios, beta):
+    """Sums over B pairs of what is logged (each divided by the number of pairs later): implicit rewards
+    β·log π/π_ref, their margin, preference accuracy (a tie counts 1/2), the policy's log-probs, and how
+    often the policy alone prefers the chosen."""
+    r = beta * ratios
+    m = r[:, 0] - r[:, 1]
+    return {"reward_chosen": r[:, 0].sum().item(), "reward_rejected": r[:, 1].sum().item(),
+            "reward_margin": m.sum().item(), "pref_accuracy": ((m > 0).sum() + 0.5 * (m == 0).sum()).item(),
+            "logp_chosen": pi[:, 0].sum().item(), "logp_rejected": pi[:, 1].sum().item(),
+            "logp_accuracy": (pi[:, 0] > pi[:, 1]).sum().item()}
+
+
+def evaluate_pairs(model, tok, pairs, examples, args, amp):
+    """Held-out pair metrics, and the held-out task's greedy accuracy where the task has a reward."""
+    pi = pair_logps(model, tok, pairs, args, amp)
+    ref = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in pairs])
+    lengths = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in pairs])
+    stats = pair_stats(pi, log_ratios(pi, ref, lengths, args.length_norm), args.beta)
+    metrics = {f"eval/{k}": v / len(pairs) for k, v in stats.items()}
+    return metrics | (evaluate(model, tok, examples, args, amp) if examples else {})
+
+
+def load_pairs(args, ref, tok, amp):
+    """(train pairs, held-out pairs, held-out task examples or None, counts of what was skipped)."""
+    ctx = ref.config.max_seq_len
+    if args.task in ("arith", "gsm8k"):
+        train, evals = load_task(args)
+        tokenize(train, tok, ctx, args.max_new_tokens, "train")
+        tokenize(evals, tok, ctx, args.max_new_tokens, "eval")
+        pairs, _ = sample_pairs(ref, tok, train + evals, args, amp)
+        tr, ev = [p for p in pairs if p["index"] < len(train)], [p for p in pairs if p["index"] >= len(train)]
+        paired = lambda ps: len({p["index"] for p in ps})  # prompts that gave at least one pair
+        return tr, ev, evals, {"data/skipped_train_prompts": len(train) - paired(tr),
+                               "data/skipped_eval_prompts": len(evals) - paired(ev)}
+    rows, mismatched = read_pairs(args)
+    max_len = min(args.max_len or ctx, ctx)
+    tr, cut_tr = tokenize_pairs(rows[:-args.eval_size], tok, max_len, args.task == "hh")
+    ev, cut_ev = tokenize_pairs(rows[-args.eval_size:], tok, max_len, args.task == "hh")
+    return tr, ev, None, {"data/skipped_mismatched_prompts": mismatched, "data/truncated_pairs": cut_tr + cut_ev}
+
+
+def dpo_step(model, opt, batch, tok, args, step, run_dir, amp):
+    """One optimizer step of the mean pair loss (plus α times the chosen completions' mean NLL) over `batch`
+    (every rank's pairs; this rank takes its share, micro-batch by micro-batch). Returns (loss, gradient
+    norm, the sums of pair_stats), summed over ranks."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n_tokens = sum(len(p["chosen_ids"]) for p in batch)  # the NLL term's normaliser, known on every rank
+    mine, loss_sum, device, stats = batch[rank::world], 0.0, next(model.parameters()).device, {}
+    for i in range(0, len(mine), args.micro_batch_size):
+        micro = mine[i:i + args.micro_batch_size]
+        ids, targets, mask = collate_pairs(micro, tok.pad_id, device)
+        ref_lp = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in micro], device=device)
+        lengths = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in micro], device=device)
+        with amp:
+            logp = model(ids, targets, mask=mask)  # (2m, T): the chosen rows, then the rejected
+            pi = logp.float().sum(1).view(2, -1).T  # (m, 2)
+            ratios = log_ratios(pi, ref_lp, lengths, args.length_norm)
+            loss = dpo_loss(ratios, args.beta, args.loss, args.label_smoothing).sum() / args.batch_size
+            if args.rpo_alpha:
+                loss = loss + args.rpo_alpha * (-(logp[:len(micro)] * mask[:len(micro)]).sum() / n_tokens)  # NLL
+        loss.backward()
+        loss_sum += loss.item()
+        stats = {k: stats.get(k, 0.0) + v for k, v in pair_stats(pi.detach(), ratios.detach(), args.beta).items()}
+    loss_sum, grad_norm = optimizer_step(model, opt, args, loss_sum, step, run_dir)
+    return loss_sum, grad_norm, dict(zip(stats, all_sum(*stats.values())))
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup(args)
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or per_rank % min(per_rank, args.micro_batch_size):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks x whole micro-batches "
+                         f"of {args.micro_batch_size}")
+    if args.label_smoothing and args.loss not in ("sigmoid", "robust") or not 0 <= args.label_smoothing < 0.5:
+        raise SystemExit("error: --label-smoothing must be in [0, 0.5) and goes with --loss sigmoid or robust")
+    run_dir, start, state = start_run(args, rank)
+    model, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
+    ref = load_model(args.model, device, args.seed)[0].requires_grad_(False)
+    amp = autocast(device)
+    t0 = time.time()
+    train, evals, examples, skipped = load_pairs(args, ref, tok, amp)
+    if not train or not evals:
+        raise SystemExit(f"error: {len(train)} training and {len(evals)} held-out pairs: nothing to train or "
+                         f"evaluate on ({skipped})")
+    for pairs in (train, evals):  # the reference's log-probs, kept (the model is not needed again)
+        for p, (c, r) in zip(pairs, pair_logps(ref, tok, pairs, args, amp).tolist()):
+            p["ref_chosen"], p["ref_rejected"] = c, r
+    del ref
+    opt = make_optimizer(model, args, state)
+    micro = min(per_rank, args.micro_batch_size)
+    evaluate_dpo = lambda model, tok, evals, args, amp: evaluate_pairs(model, tok, evals, examples, args, amp)
+    bar = begin(model, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} pairs = {world} ranks x "
+                f"{per_rank // micro} micro-batches x {micro} | {len(train)} train, {len(evals)} held-out pairs "
+                f"({', '.join(f'{k[5:]} {v}' for k, v in skipped.items())}; {time.time() - t0:.0f}s)", evaluate_dpo,
+                skipped | {"data/train_pairs": len(train), "data/eval_pairs": len(evals)})
+    for step in bar:
+        t0, lr = time.time(), set_lr(opt, step, args)
+        batch = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)]
+        loss, grad_norm, sums = dpo_step(model, opt, batch, tok, args, step, run_dir, amp)
+        metrics = {"train/loss": loss, **{f"train/{k}": v / args.batch_size for k, v in sums.items()},
+                   "train/lr": lr, "train/grad_norm": grad_norm, "perf/tokens_per_sec": sum(
+                       2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
+                   / (time.time() - t0)}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            metrics |= evaluate_dpo(model, tok, evals, args, amp)
+        end_step(model, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt.state_dict()})
+    finish(args, run_dir, rank, evaluate_dpo(model, tok, evals, args, amp))
+
+
+# ==============================================================================================
+# Everything below this line is the same, byte for byte, in every script (tests/test_family.py
+# checks it): the task, the shared machinery and, in the scripts that sample, the rollouts.
 # ----------------------------------------------------------------------------------------------
 # Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
 
@@ -226,18 +458,20 @@ def load_task(args):
     if args.task == "arith":
         return arith_split(args.train_size, args.eval_size, args.seed)
     if args.task == "gsm8k":
-        root = (args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k")).rstrip("/")
+        default = Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k"
+        root = (args.data_path or str(default)).rstrip("/")
         splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
         clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
-        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]), "answer": final_answer(r["answer"]) or ""}
+        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]),
+                        "answer": final_answer(r["answer"]) or ""}
         return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
     if args.task == "jsonl":
         if not args.data_path:
-            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
+            raise SystemExit('error: --task jsonl needs --data-path (a file or URL of {"prompt", "completion"} lines)')
         rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
                 for r in read_jsonl(args.data_path, ["prompt", "completion"])]
         return rows[:-args.eval_size], rows[-args.eval_size:]
-    raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
+    raise SystemExit(f"error: --task {args.task}: not a task of load_task (arith, gsm8k, jsonl)")
 
 
 def final_answer(text):
@@ -270,16 +504,39 @@ def prompt_ids(tok, text):
 def tokenize(examples, tok, max_len, max_new_tokens, where):
     """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
     for i, ex in enumerate(examples):
-        ex["prompt_ids"], ex["completion_ids"] = prompt_ids(tok, ex["prompt"]), tok.encode(ex["completion"]) + [tok.eos_id]
+        ex["prompt_ids"] = prompt_ids(tok, ex["prompt"])
+        ex["completion_ids"] = tok.encode(ex["completion"]) + [tok.eos_id]
         need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
         if need > max_len:
             raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
-                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context of {max_len}")
+                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context "
+                             f"of {max_len}")
     return examples
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared machinery: devices and ranks, batches, evaluation, logging, checkpoints
+# Shared machinery: the command line, devices and ranks, models, batches, the optimizer step,
+# evaluation, logging and checkpoints
+
+
+def parse_args(cls=Args):
+    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help;
+    a Literal field accepts only its values."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = dict(type=f.type)
+        if f.type is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(f.type) is Literal:
+            kind = dict(type=type(f.default), choices=typing.get_args(f.type))
+        default = f" (default: {f.default})" if f.default not in ("", None) and f.type is not bool else ""
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                            help=(" ".join(docs.get(f.name, "").split()) + default).replace("%", "%%"), **kind)
+    return cls(**vars(parser.parse_args()))
 
 
 def setup(args):
@@ -293,6 +550,11 @@ def setup(args):
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     return rank, world, device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def all_sum(*values):
@@ -316,10 +578,14 @@ def sync_grads(model):
         g.copy_(part.view_as(g))
 
 
-def load_model(name, device):
-    """(model, tokenizer) for `tiny` or a checkpoint; a bad checkpoint is one clear error."""
+def load_model(name, device, seed):
+    """(model, tokenizer) for `tiny` (random, from `seed`: the same model every time) or a checkpoint;
+    a missing or bad checkpoint is one clear error."""
     if name == "tiny":
+        torch.manual_seed(seed)
         return GPT(tiny_config()).to(device), Tokenizer.byte_level()
+    if name == "runs/sft" and not Path(name).exists():
+        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
     try:
         return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
     except (ValueError, OSError) as e:
@@ -334,61 +600,47 @@ def collate(seqs, loss_masks, pad_id, device):
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, args, state=None, key="optimizer"):
+    """AdamW with weight decay on the matrices only; its state restored from `state[key]` on --resume."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state[key])
+    return opt
 
 
 def lr_at(step, args):
+    """Linear warmup over --warmup-steps, then cosine decay to 10 % of --lr at --steps."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-@torch.no_grad()
-def evaluate(model, tok, examples, args, amp, keep=None):
-    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
-    list `keep`, this rank's (example, completion text) pairs are appended to it."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine, totals = examples[rank::world], np.zeros(4)
-    for i in range(0, len(mine), 256):
-        batch = mine[i:i + 256]
-        with amp:
-            out, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
-                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
-        for ex, o, n in zip(batch, out.tolist(), mask.sum(1).tolist()):
-            text = tok.decode(o[:n])
-            s = score(text, ex)
-            totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
-            if keep is not None:
-                keep.append((ex, text))
-    totals = all_sum(*totals)
-    return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+def set_lr(opt, step, args):
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    return lr_at(step, args)
 
 
-def log(run_dir, step, metrics, rank):
-    if rank == 0:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+def optimizer_step(model, opt, args, loss_sum, step, run_dir):
+    """After the backward passes: sum the gradients over ranks, stop on a non-finite loss, clip the
+    gradient norm, step and zero. Returns (the loss summed over ranks, the gradient norm)."""
+    sync_grads(model)
+    (loss_sum,) = all_sum(loss_sum)
+    check_finite(loss_sum, step, run_dir)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
-def start_run(args, rank):
-    """runs/<name>/ with args.json; on --resume, metrics logged after the checkpoint are dropped."""
-    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
-    step = 0
-    if args.resume:
-        if not (run_dir / "trainer_state.pt").exists():
-            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
-        step = torch.load(run_dir / "trainer_state.pt", weights_only=True)["step"]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if args.resume and (run_dir / "metrics.jsonl").exists() else []
-        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    return run_dir, step
+def check_finite(loss, step, run_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
+                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
 
 
 def batch_indices(step, batch_size, n, seed):
@@ -402,14 +654,98 @@ def batch_indices(step, batch_size, n, seed):
     return out
 
 
-def check_finite(loss, step, run_dir):
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
-                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+@torch.no_grad()
+def eval_completions(model, tok, examples, args, amp):
+    """Greedy completions of this rank's share of the held-out examples: [(example, text)]."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, out = examples[rank::world], []
+    for i in range(0, len(mine), 256):
+        batch = mine[i:i + 256]
+        with amp:
+            ids, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
+                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        out += [(ex, tok.decode(o[:n])) for ex, o, n in zip(batch, ids.tolist(), mask.sum(1).tolist())]
+    return out
+
+
+def eval_metrics(completions, n_examples):
+    """eval/reward (the training reward), eval/accuracy, eval/format and eval/lenient of every rank's
+    (example, completion) pairs, averaged over the n_examples held out."""
+    totals = np.zeros(4)
+    for ex, text in completions:
+        s = score(text, ex)
+        totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+    totals = all_sum(*totals)
+    return {f"eval/{k}": v / n_examples for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+
+
+def evaluate(model, tok, examples, args, amp):
+    """The held-out metrics of greedy completions, split over ranks."""
+    return eval_metrics(eval_completions(model, tok, examples, args, amp), len(examples))
+
+
+def start_run(args, rank):
+    """(run_dir, first step, trainer state or None): runs/<name>/ with args.json; on --resume the state of
+    its last checkpoint, and the metrics logged after that checkpoint are dropped."""
+    run_dir, step, state = Path("runs") / (args.run_name or Path(__file__).stem), 0, None
+    if args.resume:
+        if not (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+        step = state["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        metrics = run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if args.resume and metrics.exists() else []
+        metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    return run_dir, step, state
+
+
+def log(run_dir, step, metrics, rank):
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+
+
+def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=evaluate, data=None):
+    """Print what runs where, evaluate before training (not on --resume; logged as step 0 with the `data`
+    counts), and return the steps' progress bar."""
+    if rank == 0:
+        device = next(model.parameters()).device
+        print(f"{model.num_params() / 1e6:.2f}M parameters | {device} | "
+              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} | {what} | {run_dir}")
+    if start == 0:
+        metrics = evaluate(model, tok, evals, args, amp)
+        log(run_dir, 0, metrics | (data or {}), rank)
+        if rank == 0:
+            print("before training: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+
+
+def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
+    """Log the step's metrics, show the main ones, and checkpoint every --save-every steps and at the end
+    (weights, tokenizer and the trainer state: the step, `state` and what the script adds to it)."""
+    log(run_dir, step + 1, metrics, rank)
+    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in
+                     ("train/loss", "train/reward", "train/kl", "eval/accuracy", "eval/preference_accuracy")})
+    if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+        model.save_pretrained(run_dir, tok, state={"step": step + 1, **state})
+
+
+def finish(args, run_dir, rank, metrics):
+    """Log and print the final held-out metrics; leave the process group."""
+    log(run_dir, args.steps, metrics, rank)
+    if rank == 0:
+        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+              + f" | saved to {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: sample k completions of each prompt, score them; log-probs of what was sampled
+# Rollouts: sample k completions of each prompt and score them; log-probs of what was sampled; the
+# metrics of every RL step (each script holds the functions it uses)
 
 
 @torch.no_grad()
@@ -438,275 +774,12 @@ def sequence_logprobs(model, batch, micro_batch_size, amp):
     ids, targets, mask = batch
     out = []
     for i in range(0, len(ids), micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
         with amp:
-            out.append(model(ids[i:i + micro_batch_size], targets[i:i + micro_batch_size], mask=mask[i:i + micro_batch_size]).float())
+            out.append(model(ids[sl], targets[sl], mask=mask[sl]).float())
     return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
-# SFT: the loss
-
-
-def sft_loss(logp, mask, n_tokens):
-    """logp (B, T) log-probs of the targets, mask (B, T) 1 on completion tokens; n_tokens is the number
-    of completion tokens in the whole optimizer step. Returns this micro-batch's share of the mean NLL."""
-    return -(logp * mask).sum() / n_tokens
-
-
-# ----------------------------------------------------------------------------------------------
-# DPO: preference pairs, reference log-probs, the losses
-
-
-def shard_map(fn, items):
-    """[fn(x) for x in items], with the items split over ranks (items[rank::world]) and the results
-    gathered back in order on every rank."""
-    if not dist.is_initialized():
-        return [fn(x) for x in items]
-    rank, world = dist.get_rank(), dist.get_world_size()
-    parts, out = [None] * world, [None] * len(items)
-    dist.all_gather_object(parts, [fn(x) for x in items[rank::world]])
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
-
-
-def sample_pairs(model, tok, examples, args, amp):
-    """Pairs {"prompt_ids", "chosen_ids", "rejected_ids", "index"} made by sampling `model` (choice 1 of
-    the docstring), --batch-size prompts per call; returns the pairs and the number of prompts skipped."""
-    chunks = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
-
-    def sample(c):  # the seed is fixed by the chunk (rank 0 for all): the same pairs on any number of ranks
-        seqs, _, rewards, _, _ = rollout(model, tok, chunks[c], args, c, 0, amp)
-        return list(zip(seqs, rewards.tolist()))
-
-    samples = [s for part in shard_map(sample, list(range(len(chunks)))) for s in part]
-    rng, pairs = random.Random(f"pairs-{args.seed}"), []
-    for i, ex in enumerate(examples):
-        group = samples[i * args.group_size:(i + 1) * args.group_size]  # (sequence, reward) x k
-        hi, lo = max(r for _, r in group), min(r for _, r in group)
-        if hi == lo:
-            continue
-        best, worst, n = [s for s, r in group if r == hi], [], len(ex["prompt_ids"])
-        for s, r in group:  # the distinct lowest-reward samples, in sampling order
-            if r == lo and s not in worst:
-                worst.append(s)
-        for rejected in rng.sample(worst, min(args.pairs_per_prompt, len(worst))):
-            chosen = rng.choice(best)
-            pairs.append({"prompt_ids": ex["prompt_ids"], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:], "index": i})
-    return pairs, len(examples) - len({p["index"] for p in pairs})
-
-
-HH_TURN = "\n\nAssistant:"
-
-
-def split_hh(dialogue):
-    """An HH-RLHF dialogue -> (prompt, completion): the prompt is everything up to and including the last
-    "\n\nAssistant:", the completion the final assistant turn after it; None when there is no such turn."""
-    i = dialogue.rfind(HH_TURN)
-    return None if i < 0 else (dialogue[:i + len(HH_TURN)], dialogue[i + len(HH_TURN):])
-
-
-def read_pairs(args):
-    """Text pairs {"prompt", "chosen", "rejected"} of --task hh or jsonl, and the number of HH pairs skipped
-    because chosen and rejected differ before their last assistant turn."""
-    if args.task == "jsonl":
-        if not args.data_path:
-            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"chosen\", \"rejected\"} lines)")
-        return read_jsonl(args.data_path, ["prompt", "chosen", "rejected"]), 0
-    path = args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz")
-    rows, pairs = read_jsonl(path, ["chosen", "rejected"]), []
-    for i, row in enumerate(rows, 1):
-        c, r = split_hh(row["chosen"]), split_hh(row["rejected"])
-        if c is None or r is None:
-            raise SystemExit(f"error: {path}: record {i}: the {'chosen' if c is None else 'rejected'} dialogue has "
-                             f"no {HH_TURN!r} turn (expected Anthropic HH-RLHF dialogues)")
-        if c[0] == r[0]:
-            pairs.append({"prompt": c[0], "chosen": c[1], "rejected": r[1]})
-    return pairs, len(rows) - len(pairs)
-
-
-def tokenize_pairs(rows, tok, max_len, raw):
-    """Token ids of text pairs: the prompt as raw text (hh) or as sft.py lays it out (jsonl), each completion
-    + EOS cut to its first max_len // 2 tokens (a cut one loses its EOS), the prompt to its last max_len −
-    (longer completion) tokens (cut from the left: the last turns survive). Returns (pairs, number cut)."""
-    pairs = []
-    for row in rows:
-        p = tok.encode(row["prompt"]) if raw else prompt_ids(tok, row["prompt"])
-        c, r = ((tok.encode(row[k]) + [tok.eos_id])[:max_len // 2] for k in ("chosen", "rejected"))
-        pairs.append({"prompt_ids": p[-(max_len - max(len(c), len(r))):], "chosen_ids": c, "rejected_ids": r})
-    return pairs, sum(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) == max_len for p in pairs)
-
-
-def collate_pairs(pairs, pad_id, device):
-    """The chosen then the rejected sequences of m pairs as one batch (2m, T): inputs, targets, loss mask."""
-    keys = ("chosen_ids", "rejected_ids")
-    return collate([p["prompt_ids"] + p[k] for k in keys for p in pairs],
-                   [[0] * len(p["prompt_ids"]) + [1] * len(p[k]) for k in keys for p in pairs], pad_id, device)
-
-
-@torch.no_grad()
-def pair_logps(model, tok, pairs, args, amp):
-    """Summed log-probs (N, 2) of each pair's chosen and rejected completion, --micro-batch-size pairs at a
-    time, split over ranks."""
-    def chunk(i):
-        batch = collate_pairs(pairs[i:i + args.micro_batch_size], tok.pad_id, model.lm_head.weight.device)
-        return sequence_logprobs(model, batch, 2 * args.micro_batch_size, amp).sum(1).view(2, -1).T.tolist()
-    return torch.tensor([lp for part in shard_map(chunk, list(range(0, len(pairs), args.micro_batch_size))) for lp in part])
-
-
-def log_ratios(pi, ref, lengths, length_norm):
-    """pi, ref (B, 2): summed log-probs of (chosen, rejected) under the policy and the reference; lengths
-    (B, 2) in tokens -> log π/π_ref (B, 2), per token with length_norm."""
-    return (pi - ref) / lengths if length_norm else pi - ref
-
-
-def dpo_loss(ratios, beta, kind="sigmoid", eps=0.0):
-    """ratios (B, 2): log π/π_ref of (chosen, rejected) -> the loss of each pair (B,), h = chosen − rejected:
-        sigmoid  −(1−ε) log σ(βh) − ε log σ(−βh)             (DPO; ε > 0: conservative DPO)
-        robust   (−(1−ε) log σ(βh) + ε log σ(−βh)) / (1−2ε)   (rDPO)
-        ipo      (h − 1/(2β))²
-        hinge    max(0, 1 − βh)"""
-    h = ratios[:, 0] - ratios[:, 1]
-    logsig = torch.nn.functional.logsigmoid
-    if kind == "sigmoid":
-        return -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h)
-    if kind == "robust":
-        return (-(1 - eps) * logsig(beta * h) + eps * logsig(-beta * h)) / (1 - 2 * eps)
-    if kind == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
-    if kind == "hinge":
-        return torch.relu(1 - beta * h)
-    raise SystemExit(f"error: unknown --loss {kind!r} (sigmoid, robust, ipo, hinge)")
-
-
-def pair_stats(pi, ratios, beta):
-    """Sums over B pairs of what is logged (each divided by the number of pairs later): implicit rewards
-    β·log π/π_ref, their margin, preference accuracy (a tie counts 1/2), the policy's log-probs, and how
-    often the policy alone prefers the chosen."""
-    r = beta * ratios
-    m = r[:, 0] - r[:, 1]
-    return {"reward_chosen": r[:, 0].sum().item(), "reward_rejected": r[:, 1].sum().item(), "reward_margin": m.sum().item(),
-            "pref_accuracy": ((m > 0).sum() + 0.5 * (m == 0).sum()).item(), "logp_chosen": pi[:, 0].sum().item(),
-            "logp_rejected": pi[:, 1].sum().item(), "logp_accuracy": (pi[:, 0] > pi[:, 1]).sum().item()}
-
-
-def evaluate_pairs(model, tok, pairs, examples, args, amp):
-    """Held-out pair metrics, and the held-out task's greedy accuracy where the task has a reward."""
-    pi = pair_logps(model, tok, pairs, args, amp)
-    ref = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in pairs])
-    lengths = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in pairs])
-    stats = pair_stats(pi, log_ratios(pi, ref, lengths, args.length_norm), args.beta)
-    metrics = {f"eval/{k}": v / len(pairs) for k, v in stats.items()}
-    return metrics | (evaluate(model, tok, examples, args, amp) if examples else {})
-
-
-def load_pairs(args, ref, tok, amp):
-    """(train pairs, held-out pairs, held-out task examples or None, counts of what was skipped)."""
-    ctx = ref.config.max_seq_len
-    if args.task in ("arith", "gsm8k"):
-        train, evals = load_task(args)
-        tokenize(train, tok, ctx, args.max_new_tokens, "train")
-        tokenize(evals, tok, ctx, args.max_new_tokens, "eval")
-        pairs, _ = sample_pairs(ref, tok, train + evals, args, amp)
-        tr, ev = [p for p in pairs if p["index"] < len(train)], [p for p in pairs if p["index"] >= len(train)]
-        paired = lambda ps: len({p["index"] for p in ps})  # prompts that gave at least one pair
-        return tr, ev, evals, {"data/skipped_train_prompts": len(train) - paired(tr), "data/skipped_eval_prompts": len(evals) - paired(ev)}
-    if args.task not in ("hh", "jsonl"):
-        raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, hh, jsonl)")
-    rows, mismatched = read_pairs(args)
-    max_len = min(args.max_len or ctx, ctx)
-    tr, cut_tr = tokenize_pairs(rows[:-args.eval_size], tok, max_len, args.task == "hh")
-    ev, cut_ev = tokenize_pairs(rows[-args.eval_size:], tok, max_len, args.task == "hh")
-    return tr, ev, None, {"data/skipped_mismatched_prompts": mismatched, "data/truncated_pairs": cut_tr + cut_ev}
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def main():
-    args = parse_args()
-    rank, world, device = setup(args)
-    per_rank = args.batch_size // world
-    if per_rank * world != args.batch_size or per_rank % min(per_rank, args.micro_batch_size):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks x whole micro-batches "
-                         f"of {args.micro_batch_size}")
-    if args.label_smoothing and args.loss not in ("sigmoid", "robust") or not 0 <= args.label_smoothing < 0.5:
-        raise SystemExit("error: --label-smoothing must be in [0, 0.5) and goes with --loss sigmoid or robust")
-    dpo_loss(torch.zeros(1, 2), args.beta, args.loss)  # an unknown --loss stops here, before any sampling
-    if not args.resume and args.model == "runs/sft" and not Path("runs/sft").exists():
-        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
-    run_dir, start = start_run(args, rank)
-    model, tok = load_model(str(run_dir) if args.resume else args.model, device)
-    ref = load_model(args.model, device)[0].requires_grad_(False)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    t0 = time.time()
-    train, evals, examples, skipped = load_pairs(args, ref, tok, amp)
-    if not train or not evals:
-        raise SystemExit(f"error: {len(train)} training and {len(evals)} held-out pairs: nothing to train or evaluate on ({skipped})")
-    for pairs in (train, evals):  # the reference's log-probs, kept (the model is not needed again)
-        for p, (c, r) in zip(pairs, pair_logps(ref, tok, pairs, args, amp).tolist()):
-            p["ref_chosen"], p["ref_rejected"] = c, r
-    del ref
-    opt = make_optimizer(model, args)
-    if args.resume:
-        opt.load_state_dict(torch.load(run_dir / "trainer_state.pt", weights_only=True)["optimizer"])
-    if rank == 0:
-        print(f"{model.num_params() / 1e6:.2f}M parameters | {device} | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | "
-              f"batch {args.batch_size} pairs = {world} ranks x {per_rank // min(per_rank, args.micro_batch_size)} micro-batches "
-              f"x {min(per_rank, args.micro_batch_size)} | {len(train)} train, {len(evals)} held-out pairs "
-              f"({', '.join(f'{k[5:]} {v}' for k, v in skipped.items())}; {time.time() - t0:.0f}s) | {run_dir}")
-    if start == 0:
-        metrics = evaluate_pairs(model, tok, evals, examples, args, amp)
-        log(run_dir, 0, metrics | skipped | {"data/train_pairs": len(train), "data/eval_pairs": len(evals)}, rank)
-        if rank == 0:
-            print("before training: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
-    for step in bar:
-        t0 = time.time()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        batch = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)]
-        n_tokens = sum(len(p["chosen_ids"]) for p in batch)  # the NLL term's normaliser, known on every rank
-        mine, loss_sum, stats = batch[rank::world], 0.0, {}
-        for i in range(0, len(mine), args.micro_batch_size):
-            micro = mine[i:i + args.micro_batch_size]
-            ids, targets, mask = collate_pairs(micro, tok.pad_id, device)
-            ref_lp = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in micro], device=device)
-            lengths = torch.tensor([[len(p["chosen_ids"]), len(p["rejected_ids"])] for p in micro], device=device)
-            with amp:
-                logp = model(ids, targets, mask=mask)  # (2m, T): the chosen rows, then the rejected
-                pi = logp.float().sum(1).view(2, -1).T  # (m, 2)
-                ratios = log_ratios(pi, ref_lp, lengths, args.length_norm)
-                loss = dpo_loss(ratios, args.beta, args.loss, args.label_smoothing).sum() / args.batch_size
-                if args.rpo_alpha:
-                    loss = loss + args.rpo_alpha * sft_loss(logp[:len(micro)], mask[:len(micro)], n_tokens)
-            loss.backward()
-            loss_sum += loss.item()
-            stats = {k: stats.get(k, 0.0) + v for k, v in pair_stats(pi.detach(), ratios.detach(), args.beta).items()}
-        sync_grads(model)
-        loss_sum, *sums = all_sum(loss_sum, *stats.values())
-        check_finite(loss_sum, step, run_dir)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = {"train/loss": loss_sum, **{f"train/{k}": v / args.batch_size for k, v in zip(stats, sums)},
-                   "train/lr": lr_at(step, args), "train/grad_norm": grad_norm,
-                   "perf/tokens_per_sec": sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
-                                              for p in batch) / (time.time() - t0)}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            metrics |= evaluate_pairs(model, tok, evals, examples, args, amp)
-        log(run_dir, step + 1, metrics, rank)
-        bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items()
-                         if k in ("train/loss", "train/pref_accuracy", "eval/pref_accuracy", "eval/accuracy")})
-        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            model.save_pretrained(run_dir, tok, state={"step": step + 1, "optimizer": opt.state_dict()})
-    metrics = evaluate_pairs(model, tok, evals, examples, args, amp)
-    log(run_dir, args.steps, metrics, rank)
-    if rank == 0:
-        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | saved to {run_dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     main()

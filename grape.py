@@ -57,13 +57,14 @@ import math
 import os
 import random
 import re
-import sys
 import time
+import typing
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ from model import GPT, Tokenizer, tiny_config
 class Args:
     model: str = "runs/sft"
     """starting checkpoint (and reference): a Hugging Face directory, a hub id or a .gguf file"""
-    task: str = "arith"
+    task: Literal["arith", "gsm8k", "jsonl"] = "arith"
     """arith (built in) | gsm8k | jsonl"""
     data_path: str = ""
     """gsm8k: directory or URL prefix with train.jsonl and test.jsonl (default ../shared/data/gsm8k);
@@ -90,8 +91,8 @@ class Args:
     """output directory runs/<run-name> (default: the script's name)"""
     seed: int = 0
     """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto (cuda when available) | cpu | cuda"""
     steps: int = 100
     """optimizer steps"""
     batch_size: int = 16
@@ -121,7 +122,7 @@ class Args:
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
     """nucleus sampling of the rollouts (1: off)"""
-    scale_rewards: str = "group"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide the group-centred rewards by the std of the group | batch | none (Dr. GRPO)"""
     mu: int = 1
     """μ: optimizer steps on each batch of samples (the clip binds from the second on)"""
@@ -131,11 +132,11 @@ class Args:
     """ε_high: the ratio is clipped above at 1 + ε_high"""
     beta: float = 0.04
     """KL penalty coefficient; 0: no reference model"""
-    kl_estimator: str = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """per-token KL estimate: k1 (log π/π_ref) | k2 (½ log² π/π_ref) | k3 (π_ref/π − log π_ref/π − 1)"""
-    kl_in: str = "loss"
+    kl_in: Literal["loss", "reward"] = "loss"
     """loss (a per-token penalty aggregated like the surrogate) | reward (β Σ_t k subtracted from r)"""
-    loss_agg: str = "seq-mean-token-mean"
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     """seq-mean-token-mean (the paper) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO)"""
     mask_truncated: bool = False
     """leave completions that hit --max-new-tokens out of the loss (DAPO's overlong filtering)"""
@@ -162,19 +163,387 @@ class Args:
     """--judge-url: requests in flight at once (per rank)"""
 
 
-def parse_args(cls=Args):
-    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), **kind)
-    return cls(**vars(parser.parse_args()))
+# ----------------------------------------------------------------------------------------------
+# GRPO: group advantages, KL estimators, the clipped surrogate and the loss aggregation
 
 
+def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
+    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std
+    (scale="group"), by the std of all the batch's rewards (scale="batch": `batch_std`, over every
+    rank; that of `rewards` when None) or by nothing (scale="none"). All-equal groups get 0."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
+    return centred  # none
+
+
+def kl_estimate(logp, ref_logp, kind):
+    """Per-token estimates of KL(π || π_ref) from tokens sampled from π (Schulman 2020), with
+    log r = log π_ref − log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance),
+    k3 = r − 1 − log r (unbiased and ≥ 0). Same shape as logp; differentiable in logp."""
+    log_r = ref_logp - logp
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r ** 2
+    return torch.expm1(log_r) - log_r  # k3
+
+
+def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high):
+    """logp, old_logp (B, T); adv (B,). Per-token loss −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) with
+    ρ = exp(logp − old_logp), and the masks (B, T) of the tokens where the clip binds (zero gradient):
+    below (A < 0, ρ < 1 − ε_low) and above (A > 0, ρ > 1 + ε_high)."""
+    ratio, adv = torch.exp(logp - old_logp), adv[:, None]
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    return loss, (adv < 0) & (ratio < 1 - eps_low), (adv > 0) & (ratio > 1 + eps_high)
+
+
+def aggregate(per_token, mask, mode, n_seqs, n_tokens, max_len):
+    """per_token, mask (B, T) -> this micro-batch's share of the batch loss. n_seqs and n_tokens count
+    the whole batch over every rank; a sequence's own length comes from its row of the mask."""
+    x = per_token * mask
+    if mode == "seq-mean-token-mean":
+        return (x.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if mode == "token-mean":
+        return x.sum() / n_tokens
+    return x.sum() / (n_seqs * max_len)  # seq-mean-token-sum-norm
+
+
+# ----------------------------------------------------------------------------------------------
+# GRAPE: rubrics of checked and judged items, the critics, confidence-weighted rewards
+
+DEFAULT_RUBRIC = {"math": [  # the built-in task's rubric; --rubric a .json of the same shape replaces it
+    {"name": "correct", "kind": "checked", "check": "correct", "weight": 1.0},
+    {"name": "format", "kind": "checked", "check": "format", "weight": 0.25},
+    {"name": "shows_work", "kind": "checked", "check": "shows_work", "weight": 0.25},
+    {"name": "concise", "kind": "checked", "check": "length", "max_ratio": 1.5, "weight": 0.1},
+    {"name": "stepwise", "kind": "judged", "weight": 0.25,
+     "question": "Does the working lead step by step to the final answer? Answer yes or no."},
+]}
+CHECKS = {  # the programs of checked items: (completion text, example, item) -> score in [0, 1]
+    "correct": lambda text, ex, item: reward_fn(text, ex),  # the task's reward: the final answer is right
+    "format": lambda text, ex, item: float(bool(  # ends with '#### N'
+        re.search(r"(^|\n)####\s*-?[\d,]*\.?\d+\s*$", text))),
+    "shows_work": lambda text, ex, item: float(bool(  # 'a + b = c' (or - * / ×) somewhere before the '####' line
+        re.search(r"\d\s*[-+*/×]\s*\d[^\n]*=\s*-?\d", text.split("####")[0]))),
+    "length": lambda text, ex, item: float(  # at most max_ratio (default 2) times the reference's characters
+        len(text) <= item.get("max_ratio", 2.0) * len(ex["completion"])),
+}
+KINDS = ("checked", "judged")
+number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+ITEM_FIELDS = {  # field: (what it must be, its test, the kinds of item that need it; (): any item may have it)
+    "name": ("a unique name of letters, digits, _ . -",
+             lambda v: isinstance(v, str) and re.fullmatch(r"[\w.-]+", v), KINDS),
+    "kind": ("checked or judged", lambda v: v in KINDS, KINDS), "weight": ("a number > 0", number, KINDS),
+    "check": (f"one of {', '.join(CHECKS)}", lambda v: isinstance(v, str) and v in CHECKS, ("checked",)),
+    "question": ("a non-empty string", lambda v: isinstance(v, str) and v.strip(), ("judged",)),
+    "max_ratio": ("a number > 0", number, ())}
+
+
+def check_item(item, where):
+    """One rubric item, returned as it is, or one SystemExit naming `where`, the item and the field."""
+    if not isinstance(item, dict):
+        raise SystemExit(f"error: {where}: expected an object {{\"name\", \"kind\", \"weight\", ...}}")
+    kind = item["kind"] if item.get("kind") in KINDS else None
+    need = [f for f, rule in ITEM_FIELDS.items() if kind in rule[2]] or ["name", "kind"]  # no kind: say why first
+    for field in need + sorted(set(item) - set(need)):
+        must, test, kinds = ITEM_FIELDS.get(field, ("", None, ()))
+        what = f"error: {where} ({item.get('name', '?')}): field {field!r}"
+        if field not in item:
+            raise SystemExit(f"{what} is missing ({must})")
+        if test is None or kind and kinds and kind not in kinds:
+            raise SystemExit(f"{what} is not a field of a {kind} item")
+        if not test(item[field]):
+            raise SystemExit(f"{what}: {item[field]!r} is not {must}")
+    return item
+
+
+def load_rubric(path):
+    """The items of the rubric in `path` (JSON {category: [items]}), or of DEFAULT_RUBRIC when empty: a flat
+    list, each item with its "category" added. A bad file is one SystemExit naming it and the item."""
+    where, rubric = path or "the built-in rubric", DEFAULT_RUBRIC
+    if path:
+        try:
+            rubric = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise SystemExit(f"error: --rubric {path}: cannot read it ({e.strerror})") from None
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: --rubric {path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(rubric, dict) or not rubric:
+        raise SystemExit(f"error: {where}: expected an object {{category: [items]}} with at least one category")
+    items = []
+    for cat, entries in rubric.items():
+        if not isinstance(entries, list) or not entries:
+            raise SystemExit(f"error: {where}: category {cat!r}: expected a non-empty list of items")
+        items += [check_item(it, f"{where}: category {cat!r} item {i}") | {"category": cat}
+                  for i, it in enumerate(entries)]
+    names = [it["name"] for it in items]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"error: {where}: item name {next(n for n in names if names.count(n) > 1)!r} is used twice "
+                         f"(names must be unique: they name the metrics)")
+    return items
+
+
+def check_categories(items, where, splits, default):
+    """Every example's category ("category" field, else `default`) must have a rubric."""
+    cats = sorted({it["category"] for it in items})
+    for split, examples in splits.items():
+        for i, ex in enumerate(examples):
+            if ex.get("category", default) not in cats:
+                raise SystemExit(f"error: {split} example {i}: category {ex.get('category', default)!r} is not in "
+                                 f"{where or 'the built-in rubric'} (categories: {', '.join(cats)}; see --category)")
+
+
+def score_items(items, texts, examples, default, judge):
+    """Scores s, confidences c and applies (N, K) of N completions under K items (applies: 1 where item k is
+    in the category of completion n's example). Checked items: their program, c = 1. Judged items: one call
+    judge([(problem, completion, item question)]) -> (scores, confidences) for all of them."""
+    s, c, applies = (torch.zeros(len(texts), len(items)) for _ in range(3))
+    asks, where = [], []
+    for n, (text, ex) in enumerate(zip(texts, examples)):
+        for k, item in enumerate(items):
+            if item["category"] != ex.get("category", default):
+                continue
+            applies[n, k] = 1
+            if item["kind"] == "checked":
+                s[n, k], c[n, k] = CHECKS[item["check"]](text, ex, item), 1.0
+            else:
+                asks.append((ex["prompt"], text, item["question"]))
+                where.append((n, k))
+    if asks:
+        for (n, k), score, confidence in zip(where, *(x.tolist() for x in judge(asks))):
+            s[n, k], c[n, k] = score, confidence
+    return s, c, applies
+
+
+def item_weights(importance, conf_sum, count):
+    """importance, conf_sum, count (K,) -> w (K,): importance × the mean confidence of each item over the
+    completions of the batch it applies to (sums over every rank); 0 for an item with none."""
+    return importance * conf_sum / count.clamp(min=1)
+
+
+def rubric_rewards(s, applies, w):
+    """s, applies (N, K), w (K,) -> r (N,) = Σ_k w_k s_nk / Σ_k w_k over the items of completion n's
+    category (0 where all their weights are 0)."""
+    wa = applies * w
+    return (wa * s).sum(1) / torch.where(wa.sum(1) > 0, wa.sum(1), 1.0)
+
+
+def per_item_advantages(s, applies, w, group_size, scale, batch_std):
+    """s, applies (N, K), w, batch_std (K,) -> A (N,): the group advantages of each item's scores on their
+    own (group_advantages, as grpo.py), then their weighted mean Σ_k w_k A_nk / Σ_k w_k as above."""
+    adv = torch.stack([group_advantages(s[:, k].view(-1, group_size), scale, batch_std[k]).reshape(-1)
+                       for k in range(s.shape[1])], 1)  # (N, K)
+    return rubric_rewards(adv, applies, w)
+
+
+JUDGE_TEXT = "Problem: {}\n\nResponse: {}\n\n{}"  # what the critic is shown: problem, completion, question
+JUDGE_SYSTEM = ("You grade one response to a problem on one criterion. Reply with JSON only: {\"score\": <0 to 1: how "
+                "well the response meets the criterion>, \"confidence\": <0 to 1: how sure you are>, \"reason\": "
+                "\"<one short sentence>\"}")
+
+
+def judge_prompt(tok, problem, completion, question):
+    """The local critic's prompt, ending where its verdict starts: its chat format, else prompt_ids' Q/A layout."""
+    if tok.chat:
+        return tok.chat_prompt(JUDGE_TEXT.format(problem, completion, question))
+    return tok.chat_prompt(f"Q: {problem}\nA: {completion}\nQ: {question}\nA: ")
+
+
+@torch.no_grad()
+def judge_local(model, tok, asks, micro_batch_size, amp):
+    """asks [(problem, completion, item question)] -> scores, confidences (N,): s = P(yes) / (P(yes) + P(no))
+    of the critic's next token after judge_prompt, where "yes" is the first token of "yes" or "Yes" (a byte
+    for `tiny`), and c = |2s − 1|; one forward pass per micro-batch."""
+    yes, no = (sorted({tok.encode(w)[0] for w in words}) for words in (("yes", "Yes"), ("no", "No")))
+    if set(yes) & set(no):
+        raise SystemExit("error: the critic's tokenizer starts 'yes' and 'no' with the same token")
+    prompts = [judge_prompt(tok, *a)[-model.config.max_seq_len:] for a in asks]  # too long: keep the end
+    device, out = model.lm_head.weight.device, []
+    for i in range(0, len(prompts), micro_batch_size):
+        chunk = prompts[i:i + micro_batch_size]
+        T = max(len(p) for p in chunk)
+        ids = torch.tensor([p + [tok.pad_id] * (T - len(p)) for p in chunk], device=device)  # right padding: unseen
+        last = torch.tensor([len(p) - 1 for p in chunk], device=device)
+        with amp:
+            h = model.trunk(ids)[torch.arange(len(chunk), device=device), last]  # (b, d) at each prompt's end
+            logp = model.lm_head(h).float().log_softmax(-1)  # (b, V)
+        out.append(logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1))  # log P(yes) / P(no)
+    s = torch.sigmoid(torch.cat(out)).cpu()
+    return s, (2 * s - 1).abs()
+
+
+def parse_verdict(content):
+    """A critic's reply -> (score, confidence, reason), numbers clamped to [0, 1] (code fences and text
+    around the JSON object are ignored); ValueError when there is no such object."""
+    found = re.search(r"\{.*\}", content, flags=re.S)
+    try:
+        obj = json.loads(found.group(0) if found else content)
+        score, confidence = float(obj["score"]), float(obj["confidence"])
+        if not math.isfinite(score + confidence):
+            raise ValueError
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"no JSON object with a finite score and confidence ({type(e).__name__}) "
+                         f"in {content[:100]!r}") from None
+    return min(max(score, 0.0), 1.0), min(max(confidence, 0.0), 1.0), str(obj.get("reason", ""))
+
+
+def ask_critic(url, name, key, ask, retries, timeout, backoff=1.0):
+    """One judged item over HTTP (OpenAI chat completions) -> (score, confidence, reason). An HTTP error,
+    no reply within `timeout` or a malformed one: wait backoff · 2^try and ask again; after `retries`
+    tries, one SystemExit naming the URL and what went wrong."""
+    body = json.dumps({"model": name, "temperature": 0, "messages": [
+        {"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": JUDGE_TEXT.format(*ask)}]}).encode()
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    for attempt in range(retries):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
+                return parse_verdict(json.loads(r.read())["choices"][0]["message"]["content"])
+        except urllib.error.HTTPError as e:
+            why = f"HTTP {e.code} {e.reason}"
+        except (OSError, http.client.HTTPException) as e:  # refused, unreachable, timed out, cut off
+            why = f"no reply ({getattr(e, 'reason', e)})"
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            why = f"malformed reply ({e})"
+        if attempt + 1 < retries:
+            time.sleep(backoff * 2 ** attempt)
+    raise SystemExit(f"error: --judge-url {url}: {why} after {retries} tries")
+
+
+def judge_http(asks, url, name, key, retries, timeout, workers, backoff=1.0):
+    """asks -> scores, confidences (N,) from the server, `workers` requests at a time."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        verdicts = list(pool.map(lambda a: ask_critic(url, name, key, a, retries, timeout, backoff), asks))
+    return torch.tensor([v[0] for v in verdicts]), torch.tensor([v[1] for v in verdicts])
+
+
+def make_judge(args, items, ref, tok, device, amp):
+    """judge(asks) -> (scores, confidences): the --judge-url server, else the local critic (--judge-model,
+    else the frozen reference); None when the rubric has no judged item."""
+    if not any(it["kind"] == "judged" for it in items):
+        return None
+    if args.judge_url:
+        if not args.judge_name:
+            raise SystemExit("error: --judge-url needs --judge-name (the model the server serves)")
+        url = args.judge_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
+        key = os.environ.get(args.judge_key_env)
+        return lambda asks: judge_http(asks, url, args.judge_name, key, args.judge_retries, args.judge_timeout,
+                                       args.judge_workers)
+    critic, ctok = load_model(args.judge_model, device, args.seed) if args.judge_model else \
+        (ref if ref is not None else load_model(args.model, device, args.seed)[0], tok)
+    critic.requires_grad_(False)
+    return lambda asks: judge_local(critic, ctok, asks, args.micro_batch_size, amp)
+
+
+def evaluate_rubric(model, tok, examples, args, amp, items):
+    """evaluate() plus eval/rubric/<name>: the held-out mean of every checked item over the examples of its
+    category, on the same greedy completions (this rank's; then summed over every rank)."""
+    pairs, checked = eval_completions(model, tok, examples, args, amp), [it for it in items if it["kind"] == "checked"]
+    metrics = eval_metrics(pairs, len(examples))
+    s, _, applies = score_items(checked, [t for _, t in pairs], [ex for ex, _ in pairs], args.category, None)
+    sums, counts = torch.tensor(all_sum(*(applies * s).sum(0).tolist(), *applies.sum(0).tolist())).view(2, -1)
+    return metrics | {f"eval/rubric/{it['name']}": (sums[k] / counts[k]).item()
+                      for k, it in enumerate(checked) if counts[k] > 0}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup(args)
+    run_dir, start, state = start_run(args, rank)
+    policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
+    ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
+    amp = autocast(device)
+    train, evals = load_task(args)
+    tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
+    tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
+    opt = make_optimizer(policy, args, state)
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or args.group_size < 2 or args.mu < 1:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; "
+                         "--group-size >= 2; --mu >= 1")
+    if args.per_item_advantages and args.kl_in == "reward":
+        raise SystemExit("error: --per-item-advantages needs --kl-in loss (the KL has no item to join)")
+    items = load_rubric(args.rubric)
+    check_categories(items, args.rubric, {"train": train, "eval": evals}, args.category)
+    judge, importance = make_judge(args, items, ref, tok, device, amp), torch.tensor([it["weight"] for it in items])
+    bar = begin(policy, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} prompts x "
+                f"{args.group_size} completions = {world} ranks x {per_rank * args.group_size} sequences in "
+                f"micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval",
+                lambda *a: evaluate_rubric(*a, items))
+    for step in bar:
+        t0, lr = time.time(), set_lr(opt, step, args)
+        prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
+        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
+        t_gen = time.time() - t0
+        s, c, applies = score_items(items, texts, [ex for ex in prompts for _ in range(args.group_size)],
+                                    args.category, judge)
+        sums = torch.stack([applies * s, applies * s ** 2, applies * c, applies]).sum(1)  # (4, K) over my completions
+        score_sum, score_sq, conf_sum, count = torch.tensor(all_sum(*sums.reshape(-1).tolist())).float().view(4, -1)
+        weight = item_weights(importance, conf_sum, count)
+        rewards = rubric_rewards(s, applies, weight)  # replaces the task reward of rollout()
+        t_judge = time.time() - t0 - t_gen
+        batch = collate(seqs, masks, tok.pad_id, device)
+        mask, n_seqs = batch[2], args.batch_size * args.group_size
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)  # log π_old: the policy that sampled
+        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp) if ref is not None else old_logp
+        kl_seq = ((old_logp - ref_logp) * mask).sum(1)  # Σ_t k1 = Σ_t log π/π_ref per sequence, logged
+        shaped = rewards.to(device)
+        if args.kl_in == "reward":  # the reward with the KL penalty folded in
+            shaped = shaped - args.beta * (kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask).sum(1)
+        s_sum, s_sq = all_sum(shaped.sum().item(), (shaped ** 2).sum().item())
+        batch_std = math.sqrt(max(s_sq - s_sum ** 2 / n_seqs, 0.0) / (n_seqs - 1))  # over every rank
+        adv = group_advantages(shaped.view(-1, args.group_size), args.scale_rewards, batch_std).reshape(-1)
+        if args.per_item_advantages:
+            item_std = ((score_sq - score_sum ** 2 / count.clamp(min=1)).clamp(min=0) / (count - 1).clamp(min=1)).sqrt()
+            adv = per_item_advantages(s, applies, weight, args.group_size, args.scale_rewards, item_std).to(device)
+        if args.mask_truncated:
+            mask = mask * ended.to(device)[:, None]
+        n_kept, n_tok = all_sum((mask.sum(1) > 0).sum().item(), mask.sum().item())
+        loss_sum, totals = 0.0, np.zeros(4)  # entropy, clipped below, clipped above, grad norm: over the μ updates
+        for _ in range(args.mu):
+            update_loss = 0.0
+            for i in range(0, len(seqs), args.micro_batch_size):
+                sl = slice(i, i + args.micro_batch_size)
+                ids, targets, m = batch[0][sl], batch[1][sl], mask[sl]
+                with amp:
+                    logp, ent = policy(ids, targets, mask=m, entropy=True)
+                    per_token, low, high = clipped_surrogate(logp, old_logp[sl], adv[sl], args.clip_low, args.clip_high)
+                    if ref is not None and args.kl_in == "loss":
+                        per_token = per_token + args.beta * kl_estimate(logp, ref_logp[sl], args.kl_estimator)
+                    loss = aggregate(per_token, m, args.loss_agg, max(n_kept, 1), max(n_tok, 1), args.max_new_tokens)
+                loss.backward()
+                update_loss += loss.item()
+                totals[:3] += [(ent.detach() * m).sum().item(), (low * m).sum().item(), (high * m).sum().item()]
+            update_loss, grad_norm = optimizer_step(policy, opt, args, update_loss, step, run_dir)
+            loss_sum, totals[3] = loss_sum + update_loss, totals[3] + grad_norm
+        ent_sum, low_sum, high_sum, kl_sum, n_equal = all_sum(*totals[:3], kl_seq.sum().item(), sum(
+            bool((g == g[0]).all()) for g in rewards.view(-1, args.group_size)))
+        n_all = args.mu * max(n_tok, 1)  # tokens in the loss, over the μ updates
+        metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
+            "train/loss": loss_sum / args.mu, "train/lr": lr, "train/grad_norm": totals[3] / args.mu,
+            "train/kl": kl_sum / n_seqs, "train/entropy": ent_sum / n_all,
+            "train/clipfrac": (low_sum + high_sum) / n_all, "train/clipfrac_low": low_sum / n_all,
+            "train/clipfrac_high": high_sum / n_all, "train/groups_all_equal": n_equal / args.batch_size,
+            "perf/judge_seconds": t_judge, "perf/update_seconds": time.time() - t0 - t_gen - t_judge}
+        for k, it in enumerate(items):
+            if count[k] > 0:  # an item of a category this batch has
+                metrics |= {f"rubric/{it['name']}/score": (score_sum[k] / count[k]).item(),
+                            f"rubric/{it['name']}/weight": weight[k].item(),
+                            f"rubric/{it['name']}/confidence": (conf_sum[k] / count[k]).item()}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            metrics |= evaluate_rubric(policy, tok, evals, args, amp, items)
+        end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt.state_dict()})
+    finish(args, run_dir, rank, evaluate_rubric(policy, tok, evals, args, amp, items))
+
+
+# ==============================================================================================
+# Everything below this line is the same, byte for byte, in every script (tests/test_family.py
+# checks it): the task, the shared machinery and, in the scripts that sample, the rollouts.
 # ----------------------------------------------------------------------------------------------
 # Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
 
@@ -241,18 +610,20 @@ def load_task(args):
     if args.task == "arith":
         return arith_split(args.train_size, args.eval_size, args.seed)
     if args.task == "gsm8k":
-        root = (args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k")).rstrip("/")
+        default = Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k"
+        root = (args.data_path or str(default)).rstrip("/")
         splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
         clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
-        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]), "answer": final_answer(r["answer"]) or ""}
+        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]),
+                        "answer": final_answer(r["answer"]) or ""}
         return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
     if args.task == "jsonl":
         if not args.data_path:
-            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
+            raise SystemExit('error: --task jsonl needs --data-path (a file or URL of {"prompt", "completion"} lines)')
         rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
                 for r in read_jsonl(args.data_path, ["prompt", "completion"])]
         return rows[:-args.eval_size], rows[-args.eval_size:]
-    raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
+    raise SystemExit(f"error: --task {args.task}: not a task of load_task (arith, gsm8k, jsonl)")
 
 
 def final_answer(text):
@@ -285,16 +656,39 @@ def prompt_ids(tok, text):
 def tokenize(examples, tok, max_len, max_new_tokens, where):
     """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
     for i, ex in enumerate(examples):
-        ex["prompt_ids"], ex["completion_ids"] = prompt_ids(tok, ex["prompt"]), tok.encode(ex["completion"]) + [tok.eos_id]
+        ex["prompt_ids"] = prompt_ids(tok, ex["prompt"])
+        ex["completion_ids"] = tok.encode(ex["completion"]) + [tok.eos_id]
         need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
         if need > max_len:
             raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
-                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context of {max_len}")
+                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context "
+                             f"of {max_len}")
     return examples
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared machinery: devices and ranks, batches, evaluation, logging, checkpoints
+# Shared machinery: the command line, devices and ranks, models, batches, the optimizer step,
+# evaluation, logging and checkpoints
+
+
+def parse_args(cls=Args):
+    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help;
+    a Literal field accepts only its values."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = dict(type=f.type)
+        if f.type is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(f.type) is Literal:
+            kind = dict(type=type(f.default), choices=typing.get_args(f.type))
+        default = f" (default: {f.default})" if f.default not in ("", None) and f.type is not bool else ""
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                            help=(" ".join(docs.get(f.name, "").split()) + default).replace("%", "%%"), **kind)
+    return cls(**vars(parser.parse_args()))
 
 
 def setup(args):
@@ -308,6 +702,11 @@ def setup(args):
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     return rank, world, device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def all_sum(*values):
@@ -331,10 +730,14 @@ def sync_grads(model):
         g.copy_(part.view_as(g))
 
 
-def load_model(name, device):
-    """(model, tokenizer) for `tiny` or a checkpoint; a bad checkpoint is one clear error."""
+def load_model(name, device, seed):
+    """(model, tokenizer) for `tiny` (random, from `seed`: the same model every time) or a checkpoint;
+    a missing or bad checkpoint is one clear error."""
     if name == "tiny":
+        torch.manual_seed(seed)
         return GPT(tiny_config()).to(device), Tokenizer.byte_level()
+    if name == "runs/sft" and not Path(name).exists():
+        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
     try:
         return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
     except (ValueError, OSError) as e:
@@ -349,61 +752,47 @@ def collate(seqs, loss_masks, pad_id, device):
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, args, state=None, key="optimizer"):
+    """AdamW with weight decay on the matrices only; its state restored from `state[key]` on --resume."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state[key])
+    return opt
 
 
 def lr_at(step, args):
+    """Linear warmup over --warmup-steps, then cosine decay to 10 % of --lr at --steps."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-@torch.no_grad()
-def evaluate(model, tok, examples, args, amp, keep=None):
-    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
-    list `keep`, this rank's (example, completion text) pairs are appended to it."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine, totals = examples[rank::world], np.zeros(4)
-    for i in range(0, len(mine), 256):
-        batch = mine[i:i + 256]
-        with amp:
-            out, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
-                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
-        for ex, o, n in zip(batch, out.tolist(), mask.sum(1).tolist()):
-            text = tok.decode(o[:n])
-            s = score(text, ex)
-            totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
-            if keep is not None:
-                keep.append((ex, text))
-    totals = all_sum(*totals)
-    return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+def set_lr(opt, step, args):
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    return lr_at(step, args)
 
 
-def log(run_dir, step, metrics, rank):
-    if rank == 0:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+def optimizer_step(model, opt, args, loss_sum, step, run_dir):
+    """After the backward passes: sum the gradients over ranks, stop on a non-finite loss, clip the
+    gradient norm, step and zero. Returns (the loss summed over ranks, the gradient norm)."""
+    sync_grads(model)
+    (loss_sum,) = all_sum(loss_sum)
+    check_finite(loss_sum, step, run_dir)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
-def start_run(args, rank):
-    """runs/<name>/ with args.json; on --resume, metrics logged after the checkpoint are dropped."""
-    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
-    step = 0
-    if args.resume:
-        if not (run_dir / "trainer_state.pt").exists():
-            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
-        step = torch.load(run_dir / "trainer_state.pt", weights_only=True)["step"]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if args.resume and (run_dir / "metrics.jsonl").exists() else []
-        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    return run_dir, step
+def check_finite(loss, step, run_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
+                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
 
 
 def batch_indices(step, batch_size, n, seed):
@@ -417,14 +806,98 @@ def batch_indices(step, batch_size, n, seed):
     return out
 
 
-def check_finite(loss, step, run_dir):
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
-                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+@torch.no_grad()
+def eval_completions(model, tok, examples, args, amp):
+    """Greedy completions of this rank's share of the held-out examples: [(example, text)]."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, out = examples[rank::world], []
+    for i in range(0, len(mine), 256):
+        batch = mine[i:i + 256]
+        with amp:
+            ids, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
+                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        out += [(ex, tok.decode(o[:n])) for ex, o, n in zip(batch, ids.tolist(), mask.sum(1).tolist())]
+    return out
+
+
+def eval_metrics(completions, n_examples):
+    """eval/reward (the training reward), eval/accuracy, eval/format and eval/lenient of every rank's
+    (example, completion) pairs, averaged over the n_examples held out."""
+    totals = np.zeros(4)
+    for ex, text in completions:
+        s = score(text, ex)
+        totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+    totals = all_sum(*totals)
+    return {f"eval/{k}": v / n_examples for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+
+
+def evaluate(model, tok, examples, args, amp):
+    """The held-out metrics of greedy completions, split over ranks."""
+    return eval_metrics(eval_completions(model, tok, examples, args, amp), len(examples))
+
+
+def start_run(args, rank):
+    """(run_dir, first step, trainer state or None): runs/<name>/ with args.json; on --resume the state of
+    its last checkpoint, and the metrics logged after that checkpoint are dropped."""
+    run_dir, step, state = Path("runs") / (args.run_name or Path(__file__).stem), 0, None
+    if args.resume:
+        if not (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+        step = state["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        metrics = run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if args.resume and metrics.exists() else []
+        metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    return run_dir, step, state
+
+
+def log(run_dir, step, metrics, rank):
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+
+
+def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=evaluate, data=None):
+    """Print what runs where, evaluate before training (not on --resume; logged as step 0 with the `data`
+    counts), and return the steps' progress bar."""
+    if rank == 0:
+        device = next(model.parameters()).device
+        print(f"{model.num_params() / 1e6:.2f}M parameters | {device} | "
+              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} | {what} | {run_dir}")
+    if start == 0:
+        metrics = evaluate(model, tok, evals, args, amp)
+        log(run_dir, 0, metrics | (data or {}), rank)
+        if rank == 0:
+            print("before training: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+
+
+def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
+    """Log the step's metrics, show the main ones, and checkpoint every --save-every steps and at the end
+    (weights, tokenizer and the trainer state: the step, `state` and what the script adds to it)."""
+    log(run_dir, step + 1, metrics, rank)
+    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in
+                     ("train/loss", "train/reward", "train/kl", "eval/accuracy", "eval/preference_accuracy")})
+    if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+        model.save_pretrained(run_dir, tok, state={"step": step + 1, **state})
+
+
+def finish(args, run_dir, rank, metrics):
+    """Log and print the final held-out metrics; leave the process group."""
+    log(run_dir, args.steps, metrics, rank)
+    if rank == 0:
+        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+              + f" | saved to {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: sample k completions of each prompt, score them; log-probs of what was sampled
+# Rollouts: sample k completions of each prompt and score them; log-probs of what was sampled; the
+# metrics of every RL step (each script holds the functions it uses)
 
 
 @torch.no_grad()
@@ -453,418 +926,22 @@ def sequence_logprobs(model, batch, micro_batch_size, amp):
     ids, targets, mask = batch
     out = []
     for i in range(0, len(ids), micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
         with amp:
-            out.append(model(ids[i:i + micro_batch_size], targets[i:i + micro_batch_size], mask=mask[i:i + micro_batch_size]).float())
+            out.append(model(ids[sl], targets[sl], mask=mask[sl]).float())
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------------------------
-# GRPO: group advantages, KL estimators, the clipped surrogate and the loss aggregation
-
-CHOICES = {"scale_rewards": ("group", "batch", "none"), "kl_estimator": ("k1", "k2", "k3"), "kl_in": ("loss", "reward"),
-           "loss_agg": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")}
-
-
-def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
-    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std
-    (scale="group"), by the std of all the batch's rewards (scale="batch": `batch_std`, over every
-    rank; that of `rewards` when None) or by nothing (scale="none"). All-equal groups get 0."""
-    centred = rewards - rewards.mean(1, keepdim=True)
-    if scale == "group":
-        return centred / (rewards.std(1, keepdim=True) + eps)
-    if scale == "batch":
-        return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
-    if scale == "none":
-        return centred
-    raise SystemExit(f"error: unknown --scale-rewards {scale!r} (group, batch, none)")
-
-
-def kl_k1(logp, ref_logp):
-    """Per-token k1 estimate of KL(π || π_ref) on tokens sampled from π: log π − log π_ref."""
-    return logp - ref_logp
-
-
-def kl_estimate(logp, ref_logp, kind):
-    """Per-token estimates of KL(π || π_ref) from tokens sampled from π (Schulman 2020), with
-    log r = log π_ref − log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance),
-    k3 = r − 1 − log r (unbiased and ≥ 0). Same shape as logp; differentiable in logp."""
-    if kind == "k1":
-        return kl_k1(logp, ref_logp)
-    log_r = ref_logp - logp
-    if kind == "k2":
-        return 0.5 * log_r ** 2
-    if kind == "k3":
-        return torch.expm1(log_r) - log_r
-    raise SystemExit(f"error: unknown --kl-estimator {kind!r} (k1, k2, k3)")
-
-
-def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high):
-    """logp, old_logp (B, T); adv (B,). Per-token loss −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) with
-    ρ = exp(logp − old_logp), and the masks (B, T) of the tokens where the clip binds (zero gradient):
-    below (A < 0, ρ < 1 − ε_low) and above (A > 0, ρ > 1 + ε_high)."""
-    ratio, adv = torch.exp(logp - old_logp), adv[:, None]
-    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
-    return loss, (adv < 0) & (ratio < 1 - eps_low), (adv > 0) & (ratio > 1 + eps_high)
-
-
-def aggregate(per_token, mask, mode, n_seqs, n_tokens, max_len):
-    """per_token, mask (B, T) -> this micro-batch's share of the batch loss. n_seqs and n_tokens count
-    the whole batch over every rank; a sequence's own length comes from its row of the mask."""
-    x = per_token * mask
-    if mode == "seq-mean-token-mean":
-        return (x.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
-    if mode == "token-mean":
-        return x.sum() / n_tokens
-    if mode == "seq-mean-token-sum-norm":
-        return x.sum() / (n_seqs * max_len)
-    raise SystemExit(f"error: unknown --loss-agg {mode!r} (seq-mean-token-mean, token-mean, seq-mean-token-sum-norm)")
+def rl_metrics(rewards, gen_mask, ended, n_seqs, t0, t_gen):
+    """The metrics every RL step logs (the script adds its own): rewards (this rank's), the mask of the
+    generated tokens and whether each completion ended with EOS, summed over ranks; timings."""
+    reward_sum, n_gen, n_ended = all_sum(rewards.sum().item(), gen_mask.sum().item(), ended.sum().item())
+    return {"train/reward": reward_sum / n_seqs, "train/completion_len": n_gen / n_seqs,
+            "train/ended_with_eos": n_ended / n_seqs,
+            "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
+            "perf/tokens_per_sec": n_gen / (time.time() - t0)}
 
 
 # ----------------------------------------------------------------------------------------------
-# GRAPE: rubrics of checked and judged items, the critics, confidence-weighted rewards
-
-DEFAULT_RUBRIC = {"math": [  # the built-in task's rubric; --rubric a .json of the same shape replaces it
-    {"name": "correct", "kind": "checked", "check": "correct", "weight": 1.0},
-    {"name": "format", "kind": "checked", "check": "format", "weight": 0.25},
-    {"name": "shows_work", "kind": "checked", "check": "shows_work", "weight": 0.25},
-    {"name": "concise", "kind": "checked", "check": "length", "max_ratio": 1.5, "weight": 0.1},
-    {"name": "stepwise", "kind": "judged", "weight": 0.25,
-     "question": "Does the working lead step by step to the final answer? Answer yes or no."},
-]}
-CHECKS = {  # the programs of checked items: (completion text, example, item) -> score in [0, 1]
-    "correct": lambda text, ex, item: reward_fn(text, ex),  # the task's reward: the final answer is right
-    "format": lambda text, ex, item: float(bool(re.search(r"(^|\n)####\s*-?[\d,]*\.?\d+\s*$", text))),  # ends with '#### N'
-    "shows_work": lambda text, ex, item: float(bool(  # 'a + b = c' (or - * / ×) somewhere before the '####' line
-        re.search(r"\d\s*[-+*/×]\s*\d[^\n]*=\s*-?\d", text.split("####")[0]))),
-    "length": lambda text, ex, item: float(  # at most max_ratio (default 2) times the reference's characters
-        len(text) <= item.get("max_ratio", 2.0) * len(ex["completion"])),
-}
-KINDS = ("checked", "judged")
-number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-ITEM_FIELDS = {  # field: (what it must be, its test, the kinds of item that need it; (): any item may have it)
-    "name": ("a unique name of letters, digits, _ . -", lambda v: isinstance(v, str) and re.fullmatch(r"[\w.-]+", v), KINDS),
-    "kind": ("checked or judged", lambda v: v in KINDS, KINDS), "weight": ("a number > 0", number, KINDS),
-    "check": (f"one of {', '.join(CHECKS)}", lambda v: isinstance(v, str) and v in CHECKS, ("checked",)),
-    "question": ("a non-empty string", lambda v: isinstance(v, str) and v.strip(), ("judged",)),
-    "max_ratio": ("a number > 0", number, ())}
-
-
-def check_item(item, where):
-    """One rubric item, returned as it is, or one SystemExit naming `where`, the item and the field."""
-    if not isinstance(item, dict):
-        raise SystemExit(f"error: {where}: expected an object {{\"name\", \"kind\", \"weight\", ...}}")
-    kind = item["kind"] if item.get("kind") in KINDS else None
-    need = [f for f, rule in ITEM_FIELDS.items() if kind in rule[2]] or ["name", "kind"]  # no kind: say why first
-    for field in need + sorted(set(item) - set(need)):
-        must, test, kinds = ITEM_FIELDS.get(field, ("", None, ()))
-        what = f"error: {where} ({item.get('name', '?')}): field {field!r}"
-        if field not in item:
-            raise SystemExit(f"{what} is missing ({must})")
-        if test is None or kind and kinds and kind not in kinds:
-            raise SystemExit(f"{what} is not a field of a {kind} item")
-        if not test(item[field]):
-            raise SystemExit(f"{what}: {item[field]!r} is not {must}")
-    return item
-
-
-def load_rubric(path):
-    """The items of the rubric in `path` (JSON {category: [items]}), or of DEFAULT_RUBRIC when empty: a flat
-    list, each item with its "category" added. A bad file is one SystemExit naming it and the item."""
-    where, rubric = path or "the built-in rubric", DEFAULT_RUBRIC
-    if path:
-        try:
-            rubric = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise SystemExit(f"error: --rubric {path}: cannot read it ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: --rubric {path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(rubric, dict) or not rubric:
-        raise SystemExit(f"error: {where}: expected an object {{category: [items]}} with at least one category")
-    items = []
-    for cat, entries in rubric.items():
-        if not isinstance(entries, list) or not entries:
-            raise SystemExit(f"error: {where}: category {cat!r}: expected a non-empty list of items")
-        items += [check_item(it, f"{where}: category {cat!r} item {i}") | {"category": cat} for i, it in enumerate(entries)]
-    names = [it["name"] for it in items]
-    if len(set(names)) < len(names):
-        raise SystemExit(f"error: {where}: item name {next(n for n in names if names.count(n) > 1)!r} is used twice "
-                         f"(names must be unique: they name the metrics)")
-    return items
-
-
-def check_categories(items, where, splits, default):
-    """Every example's category ("category" field, else `default`) must have a rubric."""
-    cats = sorted({it["category"] for it in items})
-    for split, examples in splits.items():
-        for i, ex in enumerate(examples):
-            if ex.get("category", default) not in cats:
-                raise SystemExit(f"error: {split} example {i}: category {ex.get('category', default)!r} is not in "
-                                 f"{where or 'the built-in rubric'} (categories: {', '.join(cats)}; see --category)")
-
-
-def score_items(items, texts, examples, default, judge):
-    """Scores s, confidences c and applies (N, K) of N completions under K items (applies: 1 where item k is
-    in the category of completion n's example). Checked items: their program, c = 1. Judged items: one call
-    judge([(problem, completion, item question)]) -> (scores, confidences) for all of them."""
-    s, c, applies = (torch.zeros(len(texts), len(items)) for _ in range(3))
-    asks, where = [], []
-    for n, (text, ex) in enumerate(zip(texts, examples)):
-        for k, item in enumerate(items):
-            if item["category"] != ex.get("category", default):
-                continue
-            applies[n, k] = 1
-            if item["kind"] == "checked":
-                s[n, k], c[n, k] = CHECKS[item["check"]](text, ex, item), 1.0
-            else:
-                asks.append((ex["prompt"], text, item["question"]))
-                where.append((n, k))
-    if asks:
-        for (n, k), score, confidence in zip(where, *(x.tolist() for x in judge(asks))):
-            s[n, k], c[n, k] = score, confidence
-    return s, c, applies
-
-
-def item_weights(importance, conf_sum, count):
-    """importance, conf_sum, count (K,) -> w (K,): importance × the mean confidence of each item over the
-    completions of the batch it applies to (sums over every rank); 0 for an item with none."""
-    return importance * conf_sum / count.clamp(min=1)
-
-
-def rubric_rewards(s, applies, w):
-    """s, applies (N, K), w (K,) -> r (N,) = Σ_k w_k s_nk / Σ_k w_k over the items of completion n's
-    category (0 where all their weights are 0)."""
-    wa = applies * w
-    return (wa * s).sum(1) / torch.where(wa.sum(1) > 0, wa.sum(1), 1.0)
-
-
-def per_item_advantages(s, applies, w, group_size, scale, batch_std):
-    """s, applies (N, K), w, batch_std (K,) -> A (N,): the group advantages of each item's scores on their
-    own (group_advantages, as grpo.py), then their weighted mean Σ_k w_k A_nk / Σ_k w_k as above."""
-    adv = torch.stack([group_advantages(s[:, k].view(-1, group_size), scale, batch_std[k]).reshape(-1)
-                       for k in range(s.shape[1])], 1)  # (N, K)
-    return rubric_rewards(adv, applies, w)
-
-
-JUDGE_TEXT = "Problem: {}\n\nResponse: {}\n\n{}"  # what the critic is shown of one judged item: problem, completion, question
-JUDGE_SYSTEM = ("You grade one response to a problem on one criterion. Reply with JSON only: {\"score\": <0 to 1: how "
-                "well the response meets the criterion>, \"confidence\": <0 to 1: how sure you are>, \"reason\": "
-                "\"<one short sentence>\"}")
-
-
-def judge_prompt(tok, problem, completion, question):
-    """The local critic's prompt, ending where its verdict starts: its chat format, else the Q/A layout of prompt_ids."""
-    if tok.chat:
-        return tok.chat_prompt(JUDGE_TEXT.format(problem, completion, question))
-    return tok.chat_prompt(f"Q: {problem}\nA: {completion}\nQ: {question}\nA: ")
-
-
-@torch.no_grad()
-def judge_local(model, tok, asks, micro_batch_size, amp):
-    """asks [(problem, completion, item question)] -> scores, confidences (N,): s = P(yes) / (P(yes) + P(no))
-    of the critic's next token after judge_prompt, where "yes" is the first token of "yes" or "Yes" (a byte
-    for `tiny`), and c = |2s − 1|; one forward pass per micro-batch."""
-    yes, no = (sorted({tok.encode(w)[0] for w in words}) for words in (("yes", "Yes"), ("no", "No")))
-    if set(yes) & set(no):
-        raise SystemExit("error: the critic's tokenizer starts 'yes' and 'no' with the same token")
-    prompts = [judge_prompt(tok, *a)[-model.config.max_seq_len:] for a in asks]  # too long: keep the end
-    device, out = model.lm_head.weight.device, []
-    for i in range(0, len(prompts), micro_batch_size):
-        chunk = prompts[i:i + micro_batch_size]
-        T = max(len(p) for p in chunk)
-        ids = torch.tensor([p + [tok.pad_id] * (T - len(p)) for p in chunk], device=device)  # right padding: unseen
-        last = torch.tensor([len(p) - 1 for p in chunk], device=device)
-        with amp:
-            h = model.trunk(ids)[torch.arange(len(chunk), device=device), last]  # (b, d) at each prompt's end
-            logp = model.lm_head(h).float().log_softmax(-1)  # (b, V)
-        out.append(logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1))  # log P(yes) / P(no)
-    s = torch.sigmoid(torch.cat(out)).cpu()
-    return s, (2 * s - 1).abs()
-
-
-def parse_verdict(content):
-    """A critic's reply -> (score, confidence, reason), numbers clamped to [0, 1] (code fences and text
-    around the JSON object are ignored); ValueError when there is no such object."""
-    found = re.search(r"\{.*\}", content, flags=re.S)
-    try:
-        obj = json.loads(found.group(0) if found else content)
-        score, confidence = float(obj["score"]), float(obj["confidence"])
-        if not math.isfinite(score + confidence):
-            raise ValueError
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"no JSON object with a finite score and confidence ({type(e).__name__}) in {content[:100]!r}") from None
-    return min(max(score, 0.0), 1.0), min(max(confidence, 0.0), 1.0), str(obj.get("reason", ""))
-
-
-def ask_critic(url, name, key, ask, retries, timeout, backoff=1.0):
-    """One judged item over HTTP (OpenAI chat completions) -> (score, confidence, reason). An HTTP error,
-    no reply within `timeout` or a malformed one: wait backoff · 2^try and ask again; after `retries`
-    tries, one SystemExit naming the URL and what went wrong."""
-    body = json.dumps({"model": name, "temperature": 0, "messages": [
-        {"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": JUDGE_TEXT.format(*ask)}]}).encode()
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    for attempt in range(retries):
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
-                return parse_verdict(json.loads(r.read())["choices"][0]["message"]["content"])
-        except urllib.error.HTTPError as e:
-            why = f"HTTP {e.code} {e.reason}"
-        except (OSError, http.client.HTTPException) as e:  # refused, unreachable, timed out, cut off
-            why = f"no reply ({getattr(e, 'reason', e)})"
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            why = f"malformed reply ({e})"
-        if attempt + 1 < retries:
-            time.sleep(backoff * 2 ** attempt)
-    raise SystemExit(f"error: --judge-url {url}: {why} after {retries} tries")
-
-
-def judge_http(asks, url, name, key, retries, timeout, workers, backoff=1.0):
-    """asks -> scores, confidences (N,) from the server, `workers` requests at a time."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        verdicts = list(pool.map(lambda a: ask_critic(url, name, key, a, retries, timeout, backoff), asks))
-    return torch.tensor([v[0] for v in verdicts]), torch.tensor([v[1] for v in verdicts])
-
-
-def make_judge(args, items, ref, tok, device, amp):
-    """judge(asks) -> (scores, confidences): the --judge-url server, else the local critic (--judge-model,
-    else the frozen reference); None when the rubric has no judged item."""
-    if not any(it["kind"] == "judged" for it in items):
-        return None
-    if args.judge_url:
-        if not args.judge_name:
-            raise SystemExit("error: --judge-url needs --judge-name (the model the server serves)")
-        url, key = args.judge_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions", os.environ.get(args.judge_key_env)
-        return lambda asks: judge_http(asks, url, args.judge_name, key, args.judge_retries, args.judge_timeout, args.judge_workers)
-    critic, ctok = load_model(args.judge_model, device) if args.judge_model else \
-        (ref if ref is not None else load_model(args.model, device)[0], tok)
-    critic.requires_grad_(False)
-    return lambda asks: judge_local(critic, ctok, asks, args.micro_batch_size, amp)
-
-
-def evaluate_rubric(model, tok, examples, args, amp, items):
-    """evaluate() plus eval/rubric/<name>: the held-out mean of every checked item over the examples of its
-    category, on the greedy completions evaluate() scores (this rank's, kept; then summed over every rank)."""
-    keep, checked = [], [it for it in items if it["kind"] == "checked"]
-    metrics = evaluate(model, tok, examples, args, amp, keep)
-    s, _, applies = score_items(checked, [t for _, t in keep], [ex for ex, _ in keep], args.category, None)
-    sums, counts = torch.tensor(all_sum(*(applies * s).sum(0).tolist(), *applies.sum(0).tolist())).view(2, -1)
-    return metrics | {f"eval/rubric/{it['name']}": (sums[k] / counts[k]).item() for k, it in enumerate(checked) if counts[k] > 0}
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def main():
-    args = parse_args()
-    rank, world, device = setup(args)
-    if not args.resume and args.model == "runs/sft" and not Path("runs/sft").exists():
-        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
-    run_dir, start = start_run(args, rank)
-    policy, tok = load_model(str(run_dir) if args.resume else args.model, device)
-    ref = load_model(args.model, device)[0].requires_grad_(False) if args.beta > 0 else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    train, evals = load_task(args)
-    tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
-    tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
-    opt = make_optimizer(policy, args)
-    if args.resume:
-        opt.load_state_dict(torch.load(run_dir / "trainer_state.pt", weights_only=True)["optimizer"])
-    per_rank = args.batch_size // world
-    if per_rank * world != args.batch_size or args.group_size < 2 or args.mu < 1:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; --group-size >= 2; --mu >= 1")
-    for name, choices in CHOICES.items():
-        if getattr(args, name) not in choices:
-            raise SystemExit(f"error: unknown --{name.replace('_', '-')} {getattr(args, name)!r} ({', '.join(choices)})")
-    if args.per_item_advantages and args.kl_in == "reward":
-        raise SystemExit("error: --per-item-advantages needs --kl-in loss (the KL has no item to join)")
-    items = load_rubric(args.rubric)
-    check_categories(items, args.rubric, {"train": train, "eval": evals}, args.category)
-    judge, importance = make_judge(args, items, ref, tok, device, amp), torch.tensor([it["weight"] for it in items])
-    if rank == 0:
-        print(f"{policy.num_params() / 1e6:.2f}M parameters | {device} | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | "
-              f"batch {args.batch_size} prompts x {args.group_size} completions = {world} ranks x {per_rank * args.group_size} "
-              f"sequences in micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval | {run_dir}")
-    if start == 0:
-        metrics = evaluate_rubric(policy, tok, evals, args, amp, items)
-        log(run_dir, 0, metrics, rank)
-        if rank == 0:
-            print(f"before training: eval/accuracy {metrics['eval/accuracy']:.3f}")
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
-    for step in bar:
-        t0 = time.time()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
-        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
-        t_gen = time.time() - t0
-        s, c, applies = score_items(items, texts, [ex for ex in prompts for _ in range(args.group_size)], args.category, judge)
-        sums = torch.stack([applies * s, applies * s ** 2, applies * c, applies]).sum(1)  # (4, K) over my completions
-        score_sum, score_sq, conf_sum, count = torch.tensor(all_sum(*sums.reshape(-1).tolist())).float().view(4, -1)
-        weight = item_weights(importance, conf_sum, count)
-        rewards = rubric_rewards(s, applies, weight)  # replaces the task reward of rollout()
-        t_judge = time.time() - t0 - t_gen
-        batch = collate(seqs, masks, tok.pad_id, device)
-        mask, n_seqs = batch[2], args.batch_size * args.group_size
-        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)  # log π_old: the policy that sampled
-        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp) if ref is not None else old_logp
-        kl = (kl_k1(old_logp, ref_logp) * mask).sum(1)  # Σ_t k1 per sequence, logged
-        score = rewards.to(device)
-        if args.kl_in == "reward":
-            score = score - args.beta * (kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask).sum(1)
-        reward_sum, s_sum, s_sq = all_sum(rewards.sum().item(), score.sum().item(), (score ** 2).sum().item())
-        batch_std = math.sqrt(max(s_sq - s_sum ** 2 / n_seqs, 0.0) / (n_seqs - 1))  # of every rank's scores
-        adv = group_advantages(score.view(-1, args.group_size), args.scale_rewards, batch_std).reshape(-1)
-        if args.per_item_advantages:
-            item_std = ((score_sq - score_sum ** 2 / count.clamp(min=1)).clamp(min=0) / (count - 1).clamp(min=1)).sqrt()
-            adv = per_item_advantages(s, applies, weight, args.group_size, args.scale_rewards, item_std).to(device)
-        if args.mask_truncated:
-            mask = mask * ended.to(device)[:, None]
-        n_kept, n_tok, n_gen, n_ended = all_sum((mask.sum(1) > 0).sum().item(), mask.sum().item(), batch[2].sum().item(),
-                                                ended.sum().item())
-        totals = np.zeros(5)  # loss, entropy, clipped below, clipped above, grad norm: summed over the μ updates
-        for _ in range(args.mu):
-            for i in range(0, len(seqs), args.micro_batch_size):
-                sl = slice(i, i + args.micro_batch_size)
-                ids, targets, m = batch[0][sl], batch[1][sl], mask[sl]
-                with amp:
-                    logp, ent = policy(ids, targets, mask=m, entropy=True)
-                    per_token, low, high = clipped_surrogate(logp, old_logp[sl], adv[sl], args.clip_low, args.clip_high)
-                    if ref is not None and args.kl_in == "loss":
-                        per_token = per_token + args.beta * kl_estimate(logp, ref_logp[sl], args.kl_estimator)
-                    loss = aggregate(per_token, m, args.loss_agg, max(n_kept, 1), max(n_tok, 1), args.max_new_tokens)
-                loss.backward()
-                totals[:4] += [loss.item(), (ent.detach() * m).sum().item(), (low * m).sum().item(), (high * m).sum().item()]
-            sync_grads(policy)
-            check_finite(all_sum(totals[0])[0], step, run_dir)
-            totals[4] += torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf")).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        loss_sum, ent_sum, low_sum, high_sum, kl_sum, n_equal = all_sum(*totals[:4], kl.sum().item(), sum(
-            bool((g == g[0]).all()) for g in rewards.view(-1, args.group_size)))
-        n_all = args.mu * max(n_tok, 1)  # tokens in the loss, over the μ updates
-        metrics = {"train/loss": loss_sum / args.mu, "train/reward": reward_sum / n_seqs, "train/kl": kl_sum / n_seqs,
-                   "train/entropy": ent_sum / n_all, "train/clipfrac": (low_sum + high_sum) / n_all,
-                   "train/clipfrac_low": low_sum / n_all, "train/clipfrac_high": high_sum / n_all,
-                   "train/groups_all_equal": n_equal / args.batch_size, "train/lr": lr_at(step, args),
-                   "train/grad_norm": totals[4] / args.mu, "train/completion_len": n_gen / n_seqs,
-                   "train/ended_with_eos": n_ended / n_seqs, "perf/gen_seconds": t_gen, "perf/judge_seconds": t_judge,
-                   "perf/update_seconds": time.time() - t0 - t_gen - t_judge, "perf/tokens_per_sec": n_gen / (time.time() - t0)}
-        for k, it in enumerate(items):
-            if count[k] > 0:  # an item of a category this batch has
-                metrics |= {f"rubric/{it['name']}/score": (score_sum[k] / count[k]).item(), f"rubric/{it['name']}/weight":
-                            weight[k].item(), f"rubric/{it['name']}/confidence": (conf_sum[k] / count[k]).item()}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            metrics |= evaluate_rubric(policy, tok, evals, args, amp, items)
-        log(run_dir, step + 1, metrics, rank)
-        bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in ("train/reward", "train/kl", "eval/accuracy")})
-        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            policy.save_pretrained(run_dir, tok, state={"step": step + 1, "optimizer": opt.state_dict()})
-    metrics = evaluate_rubric(policy, tok, evals, args, amp, items)
-    log(run_dir, args.steps, metrics, rank)
-    if rank == 0:
-        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | saved to {run_dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     main()

@@ -54,11 +54,12 @@ import math
 import os
 import random
 import re
-import sys
 import time
+import typing
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ from model import GPT, Tokenizer, tiny_config
 class Args:
     model: str = "runs/sft"
     """starting checkpoint (and reference): a Hugging Face directory, a hub id or a .gguf file"""
-    task: str = "arith"
+    task: Literal["arith", "gsm8k", "jsonl"] = "arith"
     """arith (built in) | gsm8k | jsonl"""
     data_path: str = ""
     """gsm8k: directory or URL prefix with train.jsonl and test.jsonl (default ../shared/data/gsm8k);
@@ -85,8 +86,8 @@ class Args:
     """output directory runs/<run-name> (default: the script's name)"""
     seed: int = 0
     """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto (cuda when available) | cpu | cuda"""
     steps: int = 100
     """optimizer steps"""
     batch_size: int = 16
@@ -116,7 +117,7 @@ class Args:
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
     """nucleus sampling of the rollouts (1: off)"""
-    scale_rewards: str = "group"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide the group-centred rewards by the std of the group | batch | none (Dr. GRPO)"""
     mu: int = 1
     """μ: optimizer steps on each batch of samples (the clip binds from the second on)"""
@@ -126,29 +127,138 @@ class Args:
     """ε_high: the ratio is clipped above at 1 + ε_high"""
     beta: float = 0.04
     """KL penalty coefficient; 0: no reference model"""
-    kl_estimator: str = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """per-token KL estimate: k1 (log π/π_ref) | k2 (½ log² π/π_ref) | k3 (π_ref/π − log π_ref/π − 1)"""
-    kl_in: str = "loss"
+    kl_in: Literal["loss", "reward"] = "loss"
     """loss (a per-token penalty aggregated like the surrogate) | reward (β Σ_t k subtracted from r)"""
-    loss_agg: str = "seq-mean-token-mean"
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
     """seq-mean-token-mean (the paper) | token-mean (DAPO) | seq-mean-token-sum-norm (Dr. GRPO)"""
     mask_truncated: bool = False
     """leave completions that hit --max-new-tokens out of the loss (DAPO's overlong filtering)"""
 
 
-def parse_args(cls=Args):
-    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), **kind)
-    return cls(**vars(parser.parse_args()))
+# ----------------------------------------------------------------------------------------------
+# GRPO: group advantages, KL estimators, the clipped surrogate and the loss aggregation
 
 
+def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
+    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std
+    (scale="group"), by the std of all the batch's rewards (scale="batch": `batch_std`, over every
+    rank; that of `rewards` when None) or by nothing (scale="none"). All-equal groups get 0."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(1, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
+    return centred  # none
+
+
+def kl_estimate(logp, ref_logp, kind):
+    """Per-token estimates of KL(π || π_ref) from tokens sampled from π (Schulman 2020), with
+    log r = log π_ref − log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance),
+    k3 = r − 1 − log r (unbiased and ≥ 0). Same shape as logp; differentiable in logp."""
+    log_r = ref_logp - logp
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r ** 2
+    return torch.expm1(log_r) - log_r  # k3
+
+
+def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high):
+    """logp, old_logp (B, T); adv (B,). Per-token loss −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) with
+    ρ = exp(logp − old_logp), and the masks (B, T) of the tokens where the clip binds (zero gradient):
+    below (A < 0, ρ < 1 − ε_low) and above (A > 0, ρ > 1 + ε_high)."""
+    ratio, adv = torch.exp(logp - old_logp), adv[:, None]
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    return loss, (adv < 0) & (ratio < 1 - eps_low), (adv > 0) & (ratio > 1 + eps_high)
+
+
+def aggregate(per_token, mask, mode, n_seqs, n_tokens, max_len):
+    """per_token, mask (B, T) -> this micro-batch's share of the batch loss. n_seqs and n_tokens count
+    the whole batch over every rank; a sequence's own length comes from its row of the mask."""
+    x = per_token * mask
+    if mode == "seq-mean-token-mean":
+        return (x.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if mode == "token-mean":
+        return x.sum() / n_tokens
+    return x.sum() / (n_seqs * max_len)  # seq-mean-token-sum-norm
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    rank, world, device = setup(args)
+    run_dir, start, state = start_run(args, rank)
+    policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
+    ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
+    amp = autocast(device)
+    train, evals = load_task(args)
+    tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
+    tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
+    opt = make_optimizer(policy, args, state)
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or args.group_size < 2 or args.mu < 1:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; "
+                         "--group-size >= 2; --mu >= 1")
+    bar = begin(policy, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} prompts x "
+                f"{args.group_size} completions = {world} ranks x {per_rank * args.group_size} sequences in "
+                f"micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval")
+    for step in bar:
+        t0, lr = time.time(), set_lr(opt, step, args)
+        prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
+        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
+        t_gen = time.time() - t0
+        batch = collate(seqs, masks, tok.pad_id, device)
+        mask, n_seqs = batch[2], args.batch_size * args.group_size
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)  # log π_old: the policy that sampled
+        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp) if ref is not None else old_logp
+        kl_seq = ((old_logp - ref_logp) * mask).sum(1)  # Σ_t k1 = Σ_t log π/π_ref per sequence, logged
+        shaped = rewards.to(device)
+        if args.kl_in == "reward":  # the reward with the KL penalty folded in
+            shaped = shaped - args.beta * (kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask).sum(1)
+        s_sum, s_sq = all_sum(shaped.sum().item(), (shaped ** 2).sum().item())
+        batch_std = math.sqrt(max(s_sq - s_sum ** 2 / n_seqs, 0.0) / (n_seqs - 1))  # over every rank
+        adv = group_advantages(shaped.view(-1, args.group_size), args.scale_rewards, batch_std).reshape(-1)
+        if args.mask_truncated:
+            mask = mask * ended.to(device)[:, None]
+        n_kept, n_tok = all_sum((mask.sum(1) > 0).sum().item(), mask.sum().item())
+        loss_sum, totals = 0.0, np.zeros(4)  # entropy, clipped below, clipped above, grad norm: over the μ updates
+        for _ in range(args.mu):
+            update_loss = 0.0
+            for i in range(0, len(seqs), args.micro_batch_size):
+                sl = slice(i, i + args.micro_batch_size)
+                ids, targets, m = batch[0][sl], batch[1][sl], mask[sl]
+                with amp:
+                    logp, ent = policy(ids, targets, mask=m, entropy=True)
+                    per_token, low, high = clipped_surrogate(logp, old_logp[sl], adv[sl], args.clip_low, args.clip_high)
+                    if ref is not None and args.kl_in == "loss":
+                        per_token = per_token + args.beta * kl_estimate(logp, ref_logp[sl], args.kl_estimator)
+                    loss = aggregate(per_token, m, args.loss_agg, max(n_kept, 1), max(n_tok, 1), args.max_new_tokens)
+                loss.backward()
+                update_loss += loss.item()
+                totals[:3] += [(ent.detach() * m).sum().item(), (low * m).sum().item(), (high * m).sum().item()]
+            update_loss, grad_norm = optimizer_step(policy, opt, args, update_loss, step, run_dir)
+            loss_sum, totals[3] = loss_sum + update_loss, totals[3] + grad_norm
+        ent_sum, low_sum, high_sum, kl_sum, n_equal = all_sum(*totals[:3], kl_seq.sum().item(), sum(
+            bool((g == g[0]).all()) for g in rewards.view(-1, args.group_size)))
+        n_all = args.mu * max(n_tok, 1)  # tokens in the loss, over the μ updates
+        metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
+            "train/loss": loss_sum / args.mu, "train/lr": lr, "train/grad_norm": totals[3] / args.mu,
+            "train/kl": kl_sum / n_seqs, "train/entropy": ent_sum / n_all,
+            "train/clipfrac": (low_sum + high_sum) / n_all, "train/clipfrac_low": low_sum / n_all,
+            "train/clipfrac_high": high_sum / n_all, "train/groups_all_equal": n_equal / args.batch_size}
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            metrics |= evaluate(policy, tok, evals, args, amp)
+        end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt.state_dict()})
+    finish(args, run_dir, rank, evaluate(policy, tok, evals, args, amp))
+
+
+# ==============================================================================================
+# Everything below this line is the same, byte for byte, in every script (tests/test_family.py
+# checks it): the task, the shared machinery and, in the scripts that sample, the rollouts.
 # ----------------------------------------------------------------------------------------------
 # Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
 
@@ -215,18 +325,20 @@ def load_task(args):
     if args.task == "arith":
         return arith_split(args.train_size, args.eval_size, args.seed)
     if args.task == "gsm8k":
-        root = (args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k")).rstrip("/")
+        default = Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k"
+        root = (args.data_path or str(default)).rstrip("/")
         splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
         clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
-        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]), "answer": final_answer(r["answer"]) or ""}
+        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]),
+                        "answer": final_answer(r["answer"]) or ""}
         return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
     if args.task == "jsonl":
         if not args.data_path:
-            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
+            raise SystemExit('error: --task jsonl needs --data-path (a file or URL of {"prompt", "completion"} lines)')
         rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
                 for r in read_jsonl(args.data_path, ["prompt", "completion"])]
         return rows[:-args.eval_size], rows[-args.eval_size:]
-    raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
+    raise SystemExit(f"error: --task {args.task}: not a task of load_task (arith, gsm8k, jsonl)")
 
 
 def final_answer(text):
@@ -259,16 +371,39 @@ def prompt_ids(tok, text):
 def tokenize(examples, tok, max_len, max_new_tokens, where):
     """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
     for i, ex in enumerate(examples):
-        ex["prompt_ids"], ex["completion_ids"] = prompt_ids(tok, ex["prompt"]), tok.encode(ex["completion"]) + [tok.eos_id]
+        ex["prompt_ids"] = prompt_ids(tok, ex["prompt"])
+        ex["completion_ids"] = tok.encode(ex["completion"]) + [tok.eos_id]
         need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
         if need > max_len:
             raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
-                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context of {max_len}")
+                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context "
+                             f"of {max_len}")
     return examples
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared machinery: devices and ranks, batches, evaluation, logging, checkpoints
+# Shared machinery: the command line, devices and ranks, models, batches, the optimizer step,
+# evaluation, logging and checkpoints
+
+
+def parse_args(cls=Args):
+    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help;
+    a Literal field accepts only its values."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = dict(type=f.type)
+        if f.type is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(f.type) is Literal:
+            kind = dict(type=type(f.default), choices=typing.get_args(f.type))
+        default = f" (default: {f.default})" if f.default not in ("", None) and f.type is not bool else ""
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                            help=(" ".join(docs.get(f.name, "").split()) + default).replace("%", "%%"), **kind)
+    return cls(**vars(parser.parse_args()))
 
 
 def setup(args):
@@ -282,6 +417,11 @@ def setup(args):
         torch.cuda.set_device(device)
     torch.manual_seed(args.seed)
     return rank, world, device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def all_sum(*values):
@@ -305,10 +445,14 @@ def sync_grads(model):
         g.copy_(part.view_as(g))
 
 
-def load_model(name, device):
-    """(model, tokenizer) for `tiny` or a checkpoint; a bad checkpoint is one clear error."""
+def load_model(name, device, seed):
+    """(model, tokenizer) for `tiny` (random, from `seed`: the same model every time) or a checkpoint;
+    a missing or bad checkpoint is one clear error."""
     if name == "tiny":
+        torch.manual_seed(seed)
         return GPT(tiny_config()).to(device), Tokenizer.byte_level()
+    if name == "runs/sft" and not Path(name).exists():
+        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
     try:
         return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
     except (ValueError, OSError) as e:
@@ -323,61 +467,47 @@ def collate(seqs, loss_masks, pad_id, device):
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
-def make_optimizer(model, args):
+def make_optimizer(model, args, state=None, key="optimizer"):
+    """AdamW with weight decay on the matrices only; its state restored from `state[key]` on --resume."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state[key])
+    return opt
 
 
 def lr_at(step, args):
+    """Linear warmup over --warmup-steps, then cosine decay to 10 % of --lr at --steps."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-@torch.no_grad()
-def evaluate(model, tok, examples, args, amp, keep=None):
-    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
-    list `keep`, this rank's (example, completion text) pairs are appended to it."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine, totals = examples[rank::world], np.zeros(4)
-    for i in range(0, len(mine), 256):
-        batch = mine[i:i + 256]
-        with amp:
-            out, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
-                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
-        for ex, o, n in zip(batch, out.tolist(), mask.sum(1).tolist()):
-            text = tok.decode(o[:n])
-            s = score(text, ex)
-            totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
-            if keep is not None:
-                keep.append((ex, text))
-    totals = all_sum(*totals)
-    return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+def set_lr(opt, step, args):
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    return lr_at(step, args)
 
 
-def log(run_dir, step, metrics, rank):
-    if rank == 0:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+def optimizer_step(model, opt, args, loss_sum, step, run_dir):
+    """After the backward passes: sum the gradients over ranks, stop on a non-finite loss, clip the
+    gradient norm, step and zero. Returns (the loss summed over ranks, the gradient norm)."""
+    sync_grads(model)
+    (loss_sum,) = all_sum(loss_sum)
+    check_finite(loss_sum, step, run_dir)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
 
 
-def start_run(args, rank):
-    """runs/<name>/ with args.json; on --resume, metrics logged after the checkpoint are dropped."""
-    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
-    step = 0
-    if args.resume:
-        if not (run_dir / "trainer_state.pt").exists():
-            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
-        step = torch.load(run_dir / "trainer_state.pt", weights_only=True)["step"]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if args.resume and (run_dir / "metrics.jsonl").exists() else []
-        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    return run_dir, step
+def check_finite(loss, step, run_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
+                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
 
 
 def batch_indices(step, batch_size, n, seed):
@@ -391,14 +521,98 @@ def batch_indices(step, batch_size, n, seed):
     return out
 
 
-def check_finite(loss, step, run_dir):
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
-                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+@torch.no_grad()
+def eval_completions(model, tok, examples, args, amp):
+    """Greedy completions of this rank's share of the held-out examples: [(example, text)]."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, out = examples[rank::world], []
+    for i in range(0, len(mine), 256):
+        batch = mine[i:i + 256]
+        with amp:
+            ids, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
+                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        out += [(ex, tok.decode(o[:n])) for ex, o, n in zip(batch, ids.tolist(), mask.sum(1).tolist())]
+    return out
+
+
+def eval_metrics(completions, n_examples):
+    """eval/reward (the training reward), eval/accuracy, eval/format and eval/lenient of every rank's
+    (example, completion) pairs, averaged over the n_examples held out."""
+    totals = np.zeros(4)
+    for ex, text in completions:
+        s = score(text, ex)
+        totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+    totals = all_sum(*totals)
+    return {f"eval/{k}": v / n_examples for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+
+
+def evaluate(model, tok, examples, args, amp):
+    """The held-out metrics of greedy completions, split over ranks."""
+    return eval_metrics(eval_completions(model, tok, examples, args, amp), len(examples))
+
+
+def start_run(args, rank):
+    """(run_dir, first step, trainer state or None): runs/<name>/ with args.json; on --resume the state of
+    its last checkpoint, and the metrics logged after that checkpoint are dropped."""
+    run_dir, step, state = Path("runs") / (args.run_name or Path(__file__).stem), 0, None
+    if args.resume:
+        if not (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+        step = state["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        metrics = run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if args.resume and metrics.exists() else []
+        metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    return run_dir, step, state
+
+
+def log(run_dir, step, metrics, rank):
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+
+
+def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=evaluate, data=None):
+    """Print what runs where, evaluate before training (not on --resume; logged as step 0 with the `data`
+    counts), and return the steps' progress bar."""
+    if rank == 0:
+        device = next(model.parameters()).device
+        print(f"{model.num_params() / 1e6:.2f}M parameters | {device} | "
+              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} | {what} | {run_dir}")
+    if start == 0:
+        metrics = evaluate(model, tok, evals, args, amp)
+        log(run_dir, 0, metrics | (data or {}), rank)
+        if rank == 0:
+            print("before training: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+
+
+def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
+    """Log the step's metrics, show the main ones, and checkpoint every --save-every steps and at the end
+    (weights, tokenizer and the trainer state: the step, `state` and what the script adds to it)."""
+    log(run_dir, step + 1, metrics, rank)
+    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in
+                     ("train/loss", "train/reward", "train/kl", "eval/accuracy", "eval/preference_accuracy")})
+    if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+        model.save_pretrained(run_dir, tok, state={"step": step + 1, **state})
+
+
+def finish(args, run_dir, rank, metrics):
+    """Log and print the final held-out metrics; leave the process group."""
+    log(run_dir, args.steps, metrics, rank)
+    if rank == 0:
+        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+              + f" | saved to {run_dir}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: sample k completions of each prompt, score them; log-probs of what was sampled
+# Rollouts: sample k completions of each prompt and score them; log-probs of what was sampled; the
+# metrics of every RL step (each script holds the functions it uses)
 
 
 @torch.no_grad()
@@ -427,170 +641,22 @@ def sequence_logprobs(model, batch, micro_batch_size, amp):
     ids, targets, mask = batch
     out = []
     for i in range(0, len(ids), micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
         with amp:
-            out.append(model(ids[i:i + micro_batch_size], targets[i:i + micro_batch_size], mask=mask[i:i + micro_batch_size]).float())
+            out.append(model(ids[sl], targets[sl], mask=mask[sl]).float())
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------------------------
-# GRPO: group advantages, KL estimators, the clipped surrogate and the loss aggregation
-
-CHOICES = {"scale_rewards": ("group", "batch", "none"), "kl_estimator": ("k1", "k2", "k3"), "kl_in": ("loss", "reward"),
-           "loss_agg": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")}
-
-
-def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
-    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std
-    (scale="group"), by the std of all the batch's rewards (scale="batch": `batch_std`, over every
-    rank; that of `rewards` when None) or by nothing (scale="none"). All-equal groups get 0."""
-    centred = rewards - rewards.mean(1, keepdim=True)
-    if scale == "group":
-        return centred / (rewards.std(1, keepdim=True) + eps)
-    if scale == "batch":
-        return centred / ((rewards.std() if batch_std is None else batch_std) + eps)
-    if scale == "none":
-        return centred
-    raise SystemExit(f"error: unknown --scale-rewards {scale!r} (group, batch, none)")
-
-
-def kl_k1(logp, ref_logp):
-    """Per-token k1 estimate of KL(π || π_ref) on tokens sampled from π: log π − log π_ref."""
-    return logp - ref_logp
-
-
-def kl_estimate(logp, ref_logp, kind):
-    """Per-token estimates of KL(π || π_ref) from tokens sampled from π (Schulman 2020), with
-    log r = log π_ref − log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance),
-    k3 = r − 1 − log r (unbiased and ≥ 0). Same shape as logp; differentiable in logp."""
-    if kind == "k1":
-        return kl_k1(logp, ref_logp)
-    log_r = ref_logp - logp
-    if kind == "k2":
-        return 0.5 * log_r ** 2
-    if kind == "k3":
-        return torch.expm1(log_r) - log_r
-    raise SystemExit(f"error: unknown --kl-estimator {kind!r} (k1, k2, k3)")
-
-
-def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high):
-    """logp, old_logp (B, T); adv (B,). Per-token loss −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) with
-    ρ = exp(logp − old_logp), and the masks (B, T) of the tokens where the clip binds (zero gradient):
-    below (A < 0, ρ < 1 − ε_low) and above (A > 0, ρ > 1 + ε_high)."""
-    ratio, adv = torch.exp(logp - old_logp), adv[:, None]
-    loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
-    return loss, (adv < 0) & (ratio < 1 - eps_low), (adv > 0) & (ratio > 1 + eps_high)
-
-
-def aggregate(per_token, mask, mode, n_seqs, n_tokens, max_len):
-    """per_token, mask (B, T) -> this micro-batch's share of the batch loss. n_seqs and n_tokens count
-    the whole batch over every rank; a sequence's own length comes from its row of the mask."""
-    x = per_token * mask
-    if mode == "seq-mean-token-mean":
-        return (x.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
-    if mode == "token-mean":
-        return x.sum() / n_tokens
-    if mode == "seq-mean-token-sum-norm":
-        return x.sum() / (n_seqs * max_len)
-    raise SystemExit(f"error: unknown --loss-agg {mode!r} (seq-mean-token-mean, token-mean, seq-mean-token-sum-norm)")
+def rl_metrics(rewards, gen_mask, ended, n_seqs, t0, t_gen):
+    """The metrics every RL step logs (the script adds its own): rewards (this rank's), the mask of the
+    generated tokens and whether each completion ended with EOS, summed over ranks; timings."""
+    reward_sum, n_gen, n_ended = all_sum(rewards.sum().item(), gen_mask.sum().item(), ended.sum().item())
+    return {"train/reward": reward_sum / n_seqs, "train/completion_len": n_gen / n_seqs,
+            "train/ended_with_eos": n_ended / n_seqs,
+            "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
+            "perf/tokens_per_sec": n_gen / (time.time() - t0)}
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def main():
-    args = parse_args()
-    rank, world, device = setup(args)
-    if not args.resume and args.model == "runs/sft" and not Path("runs/sft").exists():
-        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
-    run_dir, start = start_run(args, rank)
-    policy, tok = load_model(str(run_dir) if args.resume else args.model, device)
-    ref = load_model(args.model, device)[0].requires_grad_(False) if args.beta > 0 else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    train, evals = load_task(args)
-    tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
-    tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
-    opt = make_optimizer(policy, args)
-    if args.resume:
-        opt.load_state_dict(torch.load(run_dir / "trainer_state.pt", weights_only=True)["optimizer"])
-    per_rank = args.batch_size // world
-    if per_rank * world != args.batch_size or args.group_size < 2 or args.mu < 1:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; --group-size >= 2; --mu >= 1")
-    for name, choices in CHOICES.items():
-        if getattr(args, name) not in choices:
-            raise SystemExit(f"error: unknown --{name.replace('_', '-')} {getattr(args, name)!r} ({', '.join(choices)})")
-    if rank == 0:
-        print(f"{policy.num_params() / 1e6:.2f}M parameters | {device} | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | "
-              f"batch {args.batch_size} prompts x {args.group_size} completions = {world} ranks x {per_rank * args.group_size} "
-              f"sequences in micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval | {run_dir}")
-    if start == 0:
-        metrics = evaluate(policy, tok, evals, args, amp)
-        log(run_dir, 0, metrics, rank)
-        if rank == 0:
-            print(f"before training: eval/accuracy {metrics['eval/accuracy']:.3f}")
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
-    for step in bar:
-        t0 = time.time()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
-        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
-        t_gen = time.time() - t0
-        batch = collate(seqs, masks, tok.pad_id, device)
-        mask, n_seqs = batch[2], args.batch_size * args.group_size
-        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)  # log π_old: the policy that sampled
-        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp) if ref is not None else old_logp
-        kl = (kl_k1(old_logp, ref_logp) * mask).sum(1)  # Σ_t k1 per sequence, logged
-        score = rewards.to(device)
-        if args.kl_in == "reward":
-            score = score - args.beta * (kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask).sum(1)
-        reward_sum, s_sum, s_sq = all_sum(rewards.sum().item(), score.sum().item(), (score ** 2).sum().item())
-        batch_std = math.sqrt(max(s_sq - s_sum ** 2 / n_seqs, 0.0) / (n_seqs - 1))  # of every rank's scores
-        adv = group_advantages(score.view(-1, args.group_size), args.scale_rewards, batch_std).reshape(-1)
-        if args.mask_truncated:
-            mask = mask * ended.to(device)[:, None]
-        n_kept, n_tok, n_gen, n_ended = all_sum((mask.sum(1) > 0).sum().item(), mask.sum().item(), batch[2].sum().item(),
-                                                ended.sum().item())
-        totals = np.zeros(5)  # loss, entropy, clipped below, clipped above, grad norm: summed over the μ updates
-        for _ in range(args.mu):
-            for i in range(0, len(seqs), args.micro_batch_size):
-                sl = slice(i, i + args.micro_batch_size)
-                ids, targets, m = batch[0][sl], batch[1][sl], mask[sl]
-                with amp:
-                    logp, ent = policy(ids, targets, mask=m, entropy=True)
-                    per_token, low, high = clipped_surrogate(logp, old_logp[sl], adv[sl], args.clip_low, args.clip_high)
-                    if ref is not None and args.kl_in == "loss":
-                        per_token = per_token + args.beta * kl_estimate(logp, ref_logp[sl], args.kl_estimator)
-                    loss = aggregate(per_token, m, args.loss_agg, max(n_kept, 1), max(n_tok, 1), args.max_new_tokens)
-                loss.backward()
-                totals[:4] += [loss.item(), (ent.detach() * m).sum().item(), (low * m).sum().item(), (high * m).sum().item()]
-            sync_grads(policy)
-            check_finite(all_sum(totals[0])[0], step, run_dir)
-            totals[4] += torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf")).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        loss_sum, ent_sum, low_sum, high_sum, kl_sum, n_equal = all_sum(*totals[:4], kl.sum().item(), sum(
-            bool((g == g[0]).all()) for g in rewards.view(-1, args.group_size)))
-        n_all = args.mu * max(n_tok, 1)  # tokens in the loss, over the μ updates
-        metrics = {"train/loss": loss_sum / args.mu, "train/reward": reward_sum / n_seqs, "train/kl": kl_sum / n_seqs,
-                   "train/entropy": ent_sum / n_all, "train/clipfrac": (low_sum + high_sum) / n_all,
-                   "train/clipfrac_low": low_sum / n_all, "train/clipfrac_high": high_sum / n_all,
-                   "train/groups_all_equal": n_equal / args.batch_size, "train/lr": lr_at(step, args),
-                   "train/grad_norm": totals[4] / args.mu, "train/completion_len": n_gen / n_seqs,
-                   "train/ended_with_eos": n_ended / n_seqs, "perf/gen_seconds": t_gen,
-                   "perf/update_seconds": time.time() - t0 - t_gen, "perf/tokens_per_sec": n_gen / (time.time() - t0)}
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            metrics |= evaluate(policy, tok, evals, args, amp)
-        log(run_dir, step + 1, metrics, rank)
-        bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in ("train/reward", "train/kl", "eval/accuracy")})
-        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            policy.save_pretrained(run_dir, tok, state={"step": step + 1, "optimizer": opt.state_dict()})
-    metrics = evaluate(policy, tok, evals, args, amp)
-    log(run_dir, args.steps, metrics, rank)
-    if rank == 0:
-        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | saved to {run_dir}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     main()

@@ -81,11 +81,12 @@ import math
 import os
 import random
 import re
-import sys
 import time
+import typing
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ from model import GPT, Tokenizer, tiny_config
 class Args:
     model: str = "runs/sft"
     """starting checkpoint (and reference): a Hugging Face directory, a hub id or a .gguf file"""
-    task: str = "arith"
+    task: Literal["arith", "gsm8k", "jsonl"] = "arith"
     """arith (built in) | gsm8k | jsonl"""
     data_path: str = ""
     """gsm8k: directory or URL prefix with train.jsonl and test.jsonl (default ../shared/data/gsm8k);
@@ -115,8 +116,8 @@ class Args:
     """output directory runs/<run-name> (default: the script's name)"""
     seed: int = 0
     """seed of initialisation, data order and sampling: the same seed gives the same run on CPU"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto (cuda when available) | cpu | cuda"""
     steps: int = 60
     """optimizer steps"""
     batch_size: int = 32
@@ -181,302 +182,6 @@ class Args:
     """peak learning rate of the critic (same warmup and decay as --lr)"""
 
 
-def parse_args(cls=Args):
-    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help."""
-    body = ast.parse(inspect.getsource(cls)).body[0].body
-    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
-        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), **kind)
-    return cls(**vars(parser.parse_args()))
-
-
-# ----------------------------------------------------------------------------------------------
-# Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
-
-NAMES = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Leo", "Mia", "Ned", "Oli",
-         "Pam", "Ray", "Sam", "Tom", "Uma", "Val", "Wes", "Zoe"]
-ITEMS = ["pens", "eggs", "cards", "coins", "books", "cups", "hats", "toys", "keys", "maps"]
-
-
-def arith_problem(rng):
-    """One `arith` word problem: add or subtract two-digit numbers, worked by place value."""
-    name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(10, 99), rng.randint(10, 99)
-    if rng.random() < 0.5:
-        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gets {b} more. How many now?", divmod(a, 10), divmod(b, 10)
-        work, ans = f"{ta}0 + {tb}0 + {ua} + {ub} = {ta + tb}0 + {ua + ub} = {a + b}", a + b
-    else:
-        a, b = max(a, b), min(a, b)
-        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gives away {b}. How many now?", divmod(a, 10), divmod(b, 10)
-        units = f"+ {ua - ub}" if ua >= ub else f"- {ub - ua}"
-        work, ans = f"{ta}0 - {tb}0 + {ua} - {ub} = {ta - tb}0 {units} = {a - b}", a - b
-    return {"prompt": q, "completion": f"{work}\n#### {ans}", "answer": str(ans)}
-
-
-def arith_split(n_train, n_eval, seed):
-    """Train and eval problems from separate seeded streams; a train problem equal to an eval one is dropped."""
-    rng = random.Random(f"arith-eval-{seed}")
-    evals = [arith_problem(rng) for _ in range(n_eval)]
-    held_out, rng, train = {e["prompt"] for e in evals}, random.Random(f"arith-train-{seed}"), []
-    while len(train) < n_train:
-        ex = arith_problem(rng)
-        if ex["prompt"] not in held_out:
-            train.append(ex)
-    return train, evals
-
-
-def read_jsonl(path, fields):
-    """Records of a .jsonl (or .jsonl.gz) file or URL; a bad line is an error naming the file and line."""
-    if str(path).startswith(("http://", "https://")):
-        cache = Path.home() / ".cache" / "post-training" / re.sub(r"[^\w.-]", "_", str(path))
-        if not cache.exists():
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            urllib.request.urlretrieve(str(path), cache.with_suffix(".part"))
-            os.replace(cache.with_suffix(".part"), cache)
-        path = cache
-    if not Path(path).exists():
-        raise SystemExit(f"error: {path}: no such data file")
-    rows = []
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{i}: not valid JSON ({e.msg})") from None
-            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-            if missing:
-                raise SystemExit(f"error: {path}:{i}: missing or non-string field {missing[0]!r} (expected {fields})")
-            rows.append(row)
-    return rows
-
-
-def load_task(args):
-    """(train, eval) lists of examples for --task."""
-    if args.task == "arith":
-        return arith_split(args.train_size, args.eval_size, args.seed)
-    if args.task == "gsm8k":
-        root = (args.data_path or str(Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k")).rstrip("/")
-        splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
-        clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
-        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]), "answer": final_answer(r["answer"]) or ""}
-        return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
-    if args.task == "jsonl":
-        if not args.data_path:
-            raise SystemExit("error: --task jsonl needs --data-path (a file or URL of {\"prompt\", \"completion\"} lines)")
-        rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
-                for r in read_jsonl(args.data_path, ["prompt", "completion"])]
-        return rows[:-args.eval_size], rows[-args.eval_size:]
-    raise SystemExit(f"error: unknown --task {args.task!r} (arith, gsm8k, jsonl)")
-
-
-def final_answer(text):
-    """The number on the last '#### N' line, commas dropped; None when there is no such line."""
-    found = re.findall(r"^####\s*(-?[\d,]*\.?\d+)\s*$", text, flags=re.M)
-    return found[-1].replace(",", "") if found else None
-
-
-def score(completion, example):
-    """correct: the '#### N' answer equals the reference (strict); format: such a line exists;
-    lenient: the last number anywhere equals the reference. (jsonl without a number: exact text.)"""
-    got, numbers = final_answer(completion), re.findall(r"-?\d[\d,]*\.?\d*", completion)
-    lenient = bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == example["answer"]
-    correct = got == example["answer"] or completion.strip() == example["answer"]
-    return {"correct": float(correct), "format": float(got is not None), "lenient": float(lenient or correct)}
-
-
-def reward_fn(completion, example):
-    """The reward of one completion: swap in your own here (training and evaluation both call it)."""
-    return score(completion, example)["correct"]
-
-
-def prompt_ids(tok, text):
-    """Chat checkpoints get their chat format; plain ones (`tiny`) a plain Q/A layout."""
-    if tok.chat:
-        return tok.chat_prompt(f"{text}\nEnd with the final answer on its own line as: #### <number>")
-    return tok.chat_prompt(f"Q: {text}\nA: ")
-
-
-def tokenize(examples, tok, max_len, max_new_tokens, where):
-    """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
-    for i, ex in enumerate(examples):
-        ex["prompt_ids"], ex["completion_ids"] = prompt_ids(tok, ex["prompt"]), tok.encode(ex["completion"]) + [tok.eos_id]
-        need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
-        if need > max_len:
-            raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
-                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context of {max_len}")
-    return examples
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared machinery: devices and ranks, batches, evaluation, logging, checkpoints
-
-
-def setup(args):
-    """(rank, world, device); under torchrun one process per device, gloo on CPU and NCCL on GPU."""
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(device)
-    torch.manual_seed(args.seed)
-    return rank, world, device
-
-
-def all_sum(*values):
-    """Sum numbers over ranks (one all-reduce); returns floats."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def sync_grads(model):
-    """Sum gradients over ranks with one all-reduce of a flat buffer (the losses are already divided
-    by their global normaliser, so the sum is the gradient of the whole batch)."""
-    if not dist.is_initialized():
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
-
-
-def load_model(name, device):
-    """(model, tokenizer) for `tiny` or a checkpoint; a bad checkpoint is one clear error."""
-    if name == "tiny":
-        return GPT(tiny_config()).to(device), Tokenizer.byte_level()
-    try:
-        return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: cannot load {name}: {e}") from None
-
-
-def collate(seqs, loss_masks, pad_id, device):
-    """Right-padded (B, T) inputs, next-token targets and the mask of the targets in the loss."""
-    T = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([m + [0] * (T - len(m)) for m in loss_masks], device=device)
-    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
-
-
-def make_optimizer(model, args):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95))
-
-
-def lr_at(step, args):
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-@torch.no_grad()
-def evaluate(model, tok, examples, args, amp, keep=None):
-    """Greedy completions of held-out examples (split over ranks), scored by the training reward; with a
-    list `keep`, this rank's (example, completion text) pairs are appended to it."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine, totals = examples[rank::world], np.zeros(4)
-    for i in range(0, len(mine), 256):
-        batch = mine[i:i + 256]
-        with amp:
-            out, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
-                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
-        for ex, o, n in zip(batch, out.tolist(), mask.sum(1).tolist()):
-            text = tok.decode(o[:n])
-            s = score(text, ex)
-            totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
-            if keep is not None:
-                keep.append((ex, text))
-    totals = all_sum(*totals)
-    return {f"eval/{k}": v / len(examples) for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
-
-
-def log(run_dir, step, metrics, rank):
-    if rank == 0:
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
-
-
-def start_run(args, rank):
-    """runs/<name>/ with args.json; on --resume, metrics logged after the checkpoint are dropped."""
-    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
-    step = 0
-    if args.resume:
-        if not (run_dir / "trainer_state.pt").exists():
-            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
-        step = torch.load(run_dir / "trainer_state.pt", weights_only=True)["step"]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if args.resume and (run_dir / "metrics.jsonl").exists() else []
-        (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    return run_dir, step
-
-
-def batch_indices(step, batch_size, n, seed):
-    """The examples of optimizer step `step`: consecutive slices of a seeded permutation per epoch."""
-    out, pos = [], step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        take = perm[offset:offset + batch_size - len(out)].tolist()
-        out, pos = out + take, pos + len(take)
-    return out
-
-
-def check_finite(loss, step, run_dir):
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
-                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
-
-
-# ----------------------------------------------------------------------------------------------
-# Rollouts: sample k completions of each prompt, score them; log-probs of what was sampled
-
-
-@torch.no_grad()
-def rollout(model, tok, examples, args, step, rank, amp):
-    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
-    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
-    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
-    prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
-    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
-    with amp:
-        out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                   seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)
-    seqs, masks, rewards, texts, ended = [], [], [], [], []
-    for j, (p, o, n) in enumerate(zip(prompts, out.tolist(), mask.sum(1).tolist())):
-        texts.append(tok.decode(o[:n]))
-        seqs.append(p + o[:n])
-        masks.append([0] * len(p) + [1] * n)
-        rewards.append(reward_fn(texts[-1], examples[j // args.group_size]))
-        ended.append(o[n - 1] in tok.stop_ids)
-    return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
-
-
-@torch.no_grad()
-def sequence_logprobs(model, batch, micro_batch_size, amp):
-    """log π(target) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
-    ids, targets, mask = batch
-    out = []
-    for i in range(0, len(ids), micro_batch_size):
-        with amp:
-            out.append(model(ids[i:i + micro_batch_size], targets[i:i + micro_batch_size], mask=mask[i:i + micro_batch_size]).float())
-    return torch.cat(out)
-
-
 # ----------------------------------------------------------------------------------------------
 # TRPO: the critic, per-token rewards, GAE, mini-batches, the natural-gradient step, the value loss
 
@@ -506,28 +211,18 @@ def critic_values(critic, ids, mask, micro_batch_size, amp):
     return torch.cat(out) * mask
 
 
-def whiten(x, mean, std, eps=1e-8):
-    """(x − mean) / std with the batch's statistics (over every rank)."""
-    return (x - mean) / (std + eps)
-
-
 def masked_mean_var(x, mask):
     """Mean and variance of x (B, T) over the positions where mask is 1, over every rank."""
     n, s, ss = all_sum(mask.sum().item(), (x * mask).sum().item(), (x * x * mask).sum().item())
     return s / n, max(ss / n - (s / n) ** 2, 0.0)
 
 
-def kl_k1(logp, ref_logp):
-    """Per-token k1 estimate of KL(π || π_ref) on tokens sampled from π: log π − log π_ref."""
-    return logp - ref_logp
-
-
-def token_rewards(score, kl, mask, beta):
-    """score (B,), kl and mask (B, T) -> rewards (B, T): −β kl_t on every completion token, plus the
-    score on the completion's last token."""
+def token_rewards(reward, kl, mask, beta):
+    """reward (B,), kl and mask (B, T) -> rewards (B, T): −β kl_t on every completion token, plus the
+    sequence's reward on the completion's last token."""
     rewards = -beta * kl * mask
     last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)  # (B,) position of the last completion token
-    rewards[torch.arange(len(score), device=score.device), last] += score
+    rewards[torch.arange(len(reward), device=reward.device), last] += reward
     return rewards
 
 
@@ -554,17 +249,6 @@ def surrogate_loss(logp, old_logp, adv, mask, n_tokens):
     return -((logp - old_logp).exp() * adv * mask).sum() / n_tokens
 
 
-def flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def all_reduce_(v):
-    """Sum a tensor over ranks, in place."""
-    if dist.is_initialized():
-        dist.all_reduce(v)
-    return v
-
-
 def vocab_logprobs(model, ids, mask, amp):
     """ids, mask (B, T) -> log π(· | s_t) (N, V) over the whole vocabulary at the N completion tokens:
     the logits, computed only where the mask is 1."""
@@ -574,12 +258,14 @@ def vocab_logprobs(model, ids, mask, amp):
 
 
 def kl_exact(old, new):
-    """old, new (N, V) log-probabilities -> (N,) KL(π_old ‖ π_new) = Σ_v π_old(v) (log π_old(v) − log π_new(v))."""
+    """old, new (N, V) log-probabilities -> (N,) KL(π_old ‖ π_new)
+    = Σ_v π_old(v) (log π_old(v) − log π_new(v))."""
     return (old.exp() * (old - new)).sum(-1)
 
 
 def fisher_vector_product(policy, batch, n_tokens, micro_batch_size, amp):
-    """v -> F v, for F the Hessian at θ = θ_old of KL̄(θ) = Σ_t KL(π_old(· | s_t) ‖ π_θ(· | s_t)) / n_tokens,
+    """v -> F v, for F the Hessian at θ = θ_old
+    of KL̄(θ) = Σ_t KL(π_old(· | s_t) ‖ π_θ(· | s_t)) / n_tokens,
     the Fisher matrix of the policy's token distributions on this batch: F v = ∇θ((∇θ KL̄)ᵀ v), a double
     backward, with F never formed. The policy must be at θ_old: then π_old is π_θ detached, and one
     forward gives both. The forward and the first backward are done here, once, and their graphs are
@@ -591,8 +277,14 @@ def fisher_vector_product(policy, batch, n_tokens, micro_batch_size, amp):
         for i in range(0, len(ids), micro_batch_size):
             logp = vocab_logprobs(policy, ids[i:i + micro_batch_size], mask[i:i + micro_batch_size], amp)
             kl = kl_exact(logp.detach(), logp).sum() / n_tokens  # 0 with gradient 0 at θ_old; Hessian F
-            grads.append(flat(torch.autograd.grad(kl, params, create_graph=True)))
-    return lambda v: all_reduce_(sum(flat(torch.autograd.grad(grad @ v, params, retain_graph=True)) for grad in grads))
+            grads.append(parameters_to_vector(torch.autograd.grad(kl, params, create_graph=True)))
+
+    def fvp(v):
+        fv = sum(parameters_to_vector(torch.autograd.grad(grad @ v, params, retain_graph=True)) for grad in grads)
+        if dist.is_initialized():
+            dist.all_reduce(fv)
+        return fv
+    return fvp
 
 
 def conjugate_gradient(Avp, b, iters, tol=1e-10):
@@ -669,57 +361,46 @@ def adaptive_beta(beta, kl, target, n, horizon):
 def main():
     args = parse_args()
     rank, world, device = setup(args)
-    if not args.resume and args.model == "runs/sft" and not Path("runs/sft").exists():
-        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
-    run_dir, start = start_run(args, rank)
-    policy, tok = load_model(str(run_dir) if args.resume else args.model, device)
-    ref = load_model(args.model, device)[0].requires_grad_(False) if args.beta > 0 else None
-    critic = Critic(load_model(args.model, device)[0]).to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    run_dir, start, state = start_run(args, rank)
+    policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
+    ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
+    critic = Critic(load_model(args.model, device, args.seed)[0]).to(device)
+    amp = autocast(device)
     train, evals = load_task(args)
     tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
     tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
-    critic_opt, beta = make_optimizer(critic, args), args.beta
-    if args.resume:
-        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+    critic_opt = make_optimizer(critic, args, state, "critic_optimizer")
+    beta = state["beta"] if state else args.beta
+    if state:
         critic.load_state_dict(state["critic"])
-        critic_opt.load_state_dict(state["critic_optimizer"])
-        beta = state["beta"]
     per_rank = args.batch_size // world
     if per_rank * world != args.batch_size or not 1 <= args.mini_batches <= per_rank * args.group_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks, and --mini-batches "
-                         f"{args.mini_batches} must be between 1 and the {per_rank * args.group_size} sequences of a rank")
+                         f"{args.mini_batches} must be between 1 and the {per_rank * args.group_size} sequences of "
+                         "a rank")
     if args.kl_target > 0 and args.beta <= 0:
         raise SystemExit("error: --kl-target adapts β: it needs --beta > 0")
-    if rank == 0:
-        print(f"{policy.num_params() / 1e6:.2f}M parameters | {device} | {'bf16 autocast' if device.type == 'cuda' else 'fp32'} | "
-              f"batch {args.batch_size} prompts x {args.group_size} completions = {world} ranks x {per_rank * args.group_size} "
-              f"sequences in micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval | {run_dir}")
-    if start == 0:
-        metrics = evaluate(policy, tok, evals, args, amp)
-        log(run_dir, 0, metrics, rank)
-        if rank == 0:
-            print(f"before training: eval/accuracy {metrics['eval/accuracy']:.3f}")
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+    bar = begin(policy, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} prompts x "
+                f"{args.group_size} completions = {world} ranks x {per_rank * args.group_size} sequences in "
+                f"micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval")
     for step in bar:
         t0 = time.time()
-        for group in critic_opt.param_groups:
-            group["lr"] = lr_at(step, dataclasses.replace(args, lr=args.critic_lr))
+        set_lr(critic_opt, step, dataclasses.replace(args, lr=args.critic_lr))
         prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
         seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         (ids, targets, mask), n_seqs = batch, args.batch_size * args.group_size
-        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)
-        kl = torch.zeros_like(old_logp)
-        if ref is not None:  # the KL penalty, per token: k1
-            kl = kl_k1(old_logp, sequence_logprobs(ref, batch, args.micro_batch_size, amp)) * mask
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)  # log π_old: the policy that sampled
+        kl = torch.zeros_like(old_logp)  # k1 = log π/π_ref per token
+        if ref is not None:
+            kl = (old_logp - sequence_logprobs(ref, batch, args.micro_batch_size, amp)) * mask
         old_values = critic_values(critic, ids, mask, args.micro_batch_size, amp)
-        score = rewards.to(device) - args.no_eos_penalty * (~ended).to(device)
-        adv, returns = gae(token_rewards(score, kl, mask, beta), old_values, mask, args.gamma, args.lam)
-        if args.whiten:
+        shaped = rewards.to(device) - args.no_eos_penalty * (~ended).to(device)
+        adv, returns = gae(token_rewards(shaped, kl, mask, beta), old_values, mask, args.gamma, args.lam)
+        if args.whiten:  # over the batch's completion tokens, every rank
             mean, var = masked_mean_var(adv, mask)
-            adv = whiten(adv, mean, math.sqrt(var)) * mask
+            adv = (adv - mean) / (math.sqrt(var) + 1e-8) * mask
         n_updates = args.epochs * args.mini_batches
         # the policy: one natural-gradient step inside the trust region KL̄ ≤ δ
         t_policy, n_tok = time.time(), all_sum(mask.sum().item())[0]
@@ -732,17 +413,19 @@ def main():
             surrogate_loss(logp.float(), old_logp[j], adv[j], mask[j], n_tok).backward()
             ent_sum += (ent.detach() * mask[j]).sum().item()
         sync_grads(policy)
-        g = -flat([p.grad for p in policy.parameters()])  # the surrogate's gradient (ascent direction)
+        g = -parameters_to_vector([p.grad for p in policy.parameters()])  # the surrogate's gradient (ascent)
         policy.zero_grad(set_to_none=True)
         fvp_batch = tuple(x[::args.fvp_subsample] for x in batch)  # F on every n-th sequence
-        fisher = fisher_vector_product(policy, fvp_batch, all_sum(fvp_batch[2].sum().item())[0], args.micro_batch_size, amp)
+        fisher = fisher_vector_product(policy, fvp_batch, all_sum(fvp_batch[2].sum().item())[0],
+                                       args.micro_batch_size, amp)
         x, r, n_fvp = conjugate_gradient(lambda v: fisher(v) + args.cg_damping * v, g, args.cg_iters)
-        del fisher  # frees the graphs it kept
+        fisher = None  # frees the graphs it kept
         max_kl = args.max_kl * (lr_at(step, args) / args.lr) ** 2  # δ_t: the step's length follows the lr schedule
         full_step = math.sqrt(2 * max_kl / max((x @ (g - r)).item(), 1e-12)) * x  # ½ sᵀ(F + damping) s = δ_t
         old_vocab = old_vocab_logprobs(policy, batch, args.micro_batch_size, amp)  # (N, V) floats, kept for the search
         measure = lambda: kl_and_gain(policy, old_vocab, batch, adv, n_tok, args.micro_batch_size, amp)
-        accepted, kl_step, gain, tries = line_search(policy, theta_old, full_step, measure, max_kl, args.line_search_steps)
+        accepted, kl_step, gain, tries = line_search(policy, theta_old, full_step, measure, max_kl,
+                                                     args.line_search_steps)
         expected = (g @ full_step).item() * 0.5 ** (tries - 1) * accepted
         cg_residual, t_policy = (r.norm() / g.norm().clamp(min=1e-12)).item(), time.time() - t_policy
         cos_g = (x @ g / (x.norm() * g.norm()).clamp(min=1e-12)).item()  # 1: the step is along the plain gradient
@@ -750,49 +433,435 @@ def main():
         value_sum = 0.0
         for epoch in range(args.epochs):
             for idx in minibatches(len(seqs), args.mini_batches, args.seed, step, epoch, rank):
-                n_mb = all_sum(mask[idx].sum().item())[0]
+                n_mb, update_loss = all_sum(mask[idx].sum().item())[0], 0.0
                 for i in range(0, len(idx), args.micro_batch_size):
                     j = idx[i:i + args.micro_batch_size]
                     with amp:
                         values = critic(ids[j])
                     loss = value_loss(values.float(), old_values[j], returns[j], mask[j], args.vf_clip, n_mb)
                     loss.backward()
-                    value_sum += loss.item()
-                sync_grads(critic)
-                torch.nn.utils.clip_grad_norm_(critic.parameters(), args.grad_clip or float("inf"))
-                critic_opt.step()
-                critic_opt.zero_grad(set_to_none=True)
+                    update_loss += loss.item()
+                value_sum += optimizer_step(critic, critic_opt, args, update_loss, step, run_dir)[0]
         _, var_returns = masked_mean_var(returns, mask)
         _, var_error = masked_mean_var(returns - old_values, mask)
-        value_sum, ent_sum, reward_sum, kl_sum, n_ended = all_sum(value_sum, ent_sum, rewards.sum().item(), kl.sum().item(),
-                                                                  ended.sum().item())
-        check_finite(value_sum, step, run_dir)
-        metrics = {"train/value_loss": value_sum / n_updates,
-                   "train/reward": reward_sum / n_seqs, "train/kl": kl_sum / n_seqs, "train/beta": beta,
-                   "train/kl_step": kl_step, "train/max_kl": max_kl, "train/step_accepted": float(accepted),
-                   "train/line_search_steps": tries, "train/surrogate_gain": gain, "train/expected_gain": expected,
-                   "train/entropy": ent_sum / n_tok, "train/explained_variance": 1 - var_error / max(var_returns, 1e-12),
-                   "train/cg_residual": cg_residual, "train/step_cos_gradient": cos_g,
-                   "perf/fvps": n_fvp, "perf/policy_seconds": t_policy,
-                   "train/completion_len": n_tok / n_seqs, "train/ended_with_eos": n_ended / n_seqs,
-                   "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
-                   "perf/tokens_per_sec": n_tok / (time.time() - t0)}
+        ent_sum, kl_sum = all_sum(ent_sum, kl.sum().item())
+        metrics = rl_metrics(rewards, mask, ended, n_seqs, t0, t_gen) | {
+            "train/value_loss": value_sum / n_updates, "train/kl": kl_sum / n_seqs, "train/beta": beta,
+            "train/kl_step": kl_step, "train/max_kl": max_kl, "train/step_accepted": float(accepted),
+            "train/line_search_steps": tries, "train/surrogate_gain": gain, "train/expected_gain": expected,
+            "train/entropy": ent_sum / n_tok, "train/explained_variance": 1 - var_error / max(var_returns, 1e-12),
+            "train/cg_residual": cg_residual, "train/step_cos_gradient": cos_g, "perf/fvps": n_fvp,
+            "perf/policy_seconds": t_policy}
         if args.kl_target > 0:
             beta = adaptive_beta(beta, kl_sum / n_seqs, args.kl_target, n_seqs, args.kl_horizon)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             metrics |= evaluate(policy, tok, evals, args, amp)
-        log(run_dir, step + 1, metrics, rank)
-        bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in ("train/reward", "train/kl", "eval/accuracy")})
-        if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            policy.save_pretrained(run_dir, tok, state={"step": step + 1, "beta": beta,
-                                                        "critic": critic.state_dict(), "critic_optimizer": critic_opt.state_dict()})
-    metrics = evaluate(policy, tok, evals, args, amp)
+        end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"beta": beta,
+                 "critic": critic.state_dict(), "critic_optimizer": critic_opt.state_dict()})
+    finish(args, run_dir, rank, evaluate(policy, tok, evals, args, amp))
+
+
+# ==============================================================================================
+# Everything below this line is the same, byte for byte, in every script (tests/test_family.py
+# checks it): the task, the shared machinery and, in the scripts that sample, the rollouts.
+# ----------------------------------------------------------------------------------------------
+# Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
+
+NAMES = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal", "Ivy", "Joe", "Kim", "Leo", "Mia", "Ned", "Oli",
+         "Pam", "Ray", "Sam", "Tom", "Uma", "Val", "Wes", "Zoe"]
+ITEMS = ["pens", "eggs", "cards", "coins", "books", "cups", "hats", "toys", "keys", "maps"]
+
+
+def arith_problem(rng):
+    """One `arith` word problem: add or subtract two-digit numbers, worked by place value."""
+    name, item, a, b = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gets {b} more. How many now?", divmod(a, 10), divmod(b, 10)
+        work, ans = f"{ta}0 + {tb}0 + {ua} + {ub} = {ta + tb}0 + {ua + ub} = {a + b}", a + b
+    else:
+        a, b = max(a, b), min(a, b)
+        q, (ta, ua), (tb, ub) = f"{name} has {a} {item} and gives away {b}. How many now?", divmod(a, 10), divmod(b, 10)
+        units = f"+ {ua - ub}" if ua >= ub else f"- {ub - ua}"
+        work, ans = f"{ta}0 - {tb}0 + {ua} - {ub} = {ta - tb}0 {units} = {a - b}", a - b
+    return {"prompt": q, "completion": f"{work}\n#### {ans}", "answer": str(ans)}
+
+
+def arith_split(n_train, n_eval, seed):
+    """Train and eval problems from separate seeded streams; a train problem equal to an eval one is dropped."""
+    rng = random.Random(f"arith-eval-{seed}")
+    evals = [arith_problem(rng) for _ in range(n_eval)]
+    held_out, rng, train = {e["prompt"] for e in evals}, random.Random(f"arith-train-{seed}"), []
+    while len(train) < n_train:
+        ex = arith_problem(rng)
+        if ex["prompt"] not in held_out:
+            train.append(ex)
+    return train, evals
+
+
+def read_jsonl(path, fields):
+    """Records of a .jsonl (or .jsonl.gz) file or URL; a bad line is an error naming the file and line."""
+    if str(path).startswith(("http://", "https://")):
+        cache = Path.home() / ".cache" / "post-training" / re.sub(r"[^\w.-]", "_", str(path))
+        if not cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            urllib.request.urlretrieve(str(path), cache.with_suffix(".part"))
+            os.replace(cache.with_suffix(".part"), cache)
+        path = cache
+    if not Path(path).exists():
+        raise SystemExit(f"error: {path}: no such data file")
+    rows = []
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"error: {path}:{i}: not valid JSON ({e.msg})") from None
+            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+            if missing:
+                raise SystemExit(f"error: {path}:{i}: missing or non-string field {missing[0]!r} (expected {fields})")
+            rows.append(row)
+    return rows
+
+
+def load_task(args):
+    """(train, eval) lists of examples for --task."""
+    if args.task == "arith":
+        return arith_split(args.train_size, args.eval_size, args.seed)
+    if args.task == "gsm8k":
+        default = Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k"
+        root = (args.data_path or str(default)).rstrip("/")
+        splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
+        clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
+        ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]),
+                        "answer": final_answer(r["answer"]) or ""}
+        return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
+    if args.task == "jsonl":
+        if not args.data_path:
+            raise SystemExit('error: --task jsonl needs --data-path (a file or URL of {"prompt", "completion"} lines)')
+        rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
+                for r in read_jsonl(args.data_path, ["prompt", "completion"])]
+        return rows[:-args.eval_size], rows[-args.eval_size:]
+    raise SystemExit(f"error: --task {args.task}: not a task of load_task (arith, gsm8k, jsonl)")
+
+
+def final_answer(text):
+    """The number on the last '#### N' line, commas dropped; None when there is no such line."""
+    found = re.findall(r"^####\s*(-?[\d,]*\.?\d+)\s*$", text, flags=re.M)
+    return found[-1].replace(",", "") if found else None
+
+
+def score(completion, example):
+    """correct: the '#### N' answer equals the reference (strict); format: such a line exists;
+    lenient: the last number anywhere equals the reference. (jsonl without a number: exact text.)"""
+    got, numbers = final_answer(completion), re.findall(r"-?\d[\d,]*\.?\d*", completion)
+    lenient = bool(numbers) and numbers[-1].replace(",", "").rstrip(".") == example["answer"]
+    correct = got == example["answer"] or completion.strip() == example["answer"]
+    return {"correct": float(correct), "format": float(got is not None), "lenient": float(lenient or correct)}
+
+
+def reward_fn(completion, example):
+    """The reward of one completion: swap in your own here (training and evaluation both call it)."""
+    return score(completion, example)["correct"]
+
+
+def prompt_ids(tok, text):
+    """Chat checkpoints get their chat format; plain ones (`tiny`) a plain Q/A layout."""
+    if tok.chat:
+        return tok.chat_prompt(f"{text}\nEnd with the final answer on its own line as: #### <number>")
+    return tok.chat_prompt(f"Q: {text}\nA: ")
+
+
+def tokenize(examples, tok, max_len, max_new_tokens, where):
+    """Add prompt_ids and completion_ids (ending with EOS); a prompt that leaves no room is an error."""
+    for i, ex in enumerate(examples):
+        ex["prompt_ids"] = prompt_ids(tok, ex["prompt"])
+        ex["completion_ids"] = tok.encode(ex["completion"]) + [tok.eos_id]
+        need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
+        if need > max_len:
+            raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
+                             f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context "
+                             f"of {max_len}")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared machinery: the command line, devices and ranks, models, batches, the optimizer step,
+# evaluation, logging and checkpoints
+
+
+def parse_args(cls=Args):
+    """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help;
+    a Literal field accepts only its values."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        kind = dict(type=f.type)
+        if f.type is bool:
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif typing.get_origin(f.type) is Literal:
+            kind = dict(type=type(f.default), choices=typing.get_args(f.type))
+        default = f" (default: {f.default})" if f.default not in ("", None) and f.type is not bool else ""
+        parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                            help=(" ".join(docs.get(f.name, "").split()) + default).replace("%", "%%"), **kind)
+    return cls(**vars(parser.parse_args()))
+
+
+def setup(args):
+    """(rank, world, device); under torchrun one process per device, gloo on CPU and NCCL on GPU."""
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(args.seed)
+    return rank, world, device
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def all_sum(*values):
+    """Sum numbers over ranks (one all-reduce); returns floats."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def sync_grads(model):
+    """Sum gradients over ranks with one all-reduce of a flat buffer (the losses are already divided
+    by their global normaliser, so the sum is the gradient of the whole batch)."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+def load_model(name, device, seed):
+    """(model, tokenizer) for `tiny` (random, from `seed`: the same model every time) or a checkpoint;
+    a missing or bad checkpoint is one clear error."""
+    if name == "tiny":
+        torch.manual_seed(seed)
+        return GPT(tiny_config()).to(device), Tokenizer.byte_level()
+    if name == "runs/sft" and not Path(name).exists():
+        raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
+    try:
+        return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: cannot load {name}: {e}") from None
+
+
+def collate(seqs, loss_masks, pad_id, device):
+    """Right-padded (B, T) inputs, next-token targets and the mask of the targets in the loss."""
+    T = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([m + [0] * (T - len(m)) for m in loss_masks], device=device)
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:]
+
+
+def make_optimizer(model, args, state=None, key="optimizer"):
+    """AdamW with weight decay on the matrices only; its state restored from `state[key]` on --resume."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state[key])
+    return opt
+
+
+def lr_at(step, args):
+    """Linear warmup over --warmup-steps, then cosine decay to 10 % of --lr at --steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_lr(opt, step, args):
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    return lr_at(step, args)
+
+
+def optimizer_step(model, opt, args, loss_sum, step, run_dir):
+    """After the backward passes: sum the gradients over ranks, stop on a non-finite loss, clip the
+    gradient norm, step and zero. Returns (the loss summed over ranks, the gradient norm)."""
+    sync_grads(model)
+    (loss_sum,) = all_sum(loss_sum)
+    check_finite(loss_sum, step, run_dir)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def check_finite(loss, step, run_dir):
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
+                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+
+
+def batch_indices(step, batch_size, n, seed):
+    """The examples of optimizer step `step`: consecutive slices of a seeded permutation per epoch."""
+    out, pos = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        take = perm[offset:offset + batch_size - len(out)].tolist()
+        out, pos = out + take, pos + len(take)
+    return out
+
+
+@torch.no_grad()
+def eval_completions(model, tok, examples, args, amp):
+    """Greedy completions of this rank's share of the held-out examples: [(example, text)]."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine, out = examples[rank::world], []
+    for i in range(0, len(mine), 256):
+        batch = mine[i:i + 256]
+        with amp:
+            ids, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
+                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
+        out += [(ex, tok.decode(o[:n])) for ex, o, n in zip(batch, ids.tolist(), mask.sum(1).tolist())]
+    return out
+
+
+def eval_metrics(completions, n_examples):
+    """eval/reward (the training reward), eval/accuracy, eval/format and eval/lenient of every rank's
+    (example, completion) pairs, averaged over the n_examples held out."""
+    totals = np.zeros(4)
+    for ex, text in completions:
+        s = score(text, ex)
+        totals += [reward_fn(text, ex), s["correct"], s["format"], s["lenient"]]
+    totals = all_sum(*totals)
+    return {f"eval/{k}": v / n_examples for k, v in zip(["reward", "accuracy", "format", "lenient"], totals)}
+
+
+def evaluate(model, tok, examples, args, amp):
+    """The held-out metrics of greedy completions, split over ranks."""
+    return eval_metrics(eval_completions(model, tok, examples, args, amp), len(examples))
+
+
+def start_run(args, rank):
+    """(run_dir, first step, trainer state or None): runs/<name>/ with args.json; on --resume the state of
+    its last checkpoint, and the metrics logged after that checkpoint are dropped."""
+    run_dir, step, state = Path("runs") / (args.run_name or Path(__file__).stem), 0, None
+    if args.resume:
+        if not (run_dir / "trainer_state.pt").exists():
+            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+        step = state["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+        metrics = run_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if args.resume and metrics.exists() else []
+        metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    return run_dir, step, state
+
+
+def log(run_dir, step, metrics, rank):
+    if rank == 0:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+
+
+def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=evaluate, data=None):
+    """Print what runs where, evaluate before training (not on --resume; logged as step 0 with the `data`
+    counts), and return the steps' progress bar."""
+    if rank == 0:
+        device = next(model.parameters()).device
+        print(f"{model.num_params() / 1e6:.2f}M parameters | {device} | "
+              f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'} | {what} | {run_dir}")
+    if start == 0:
+        metrics = evaluate(model, tok, evals, args, amp)
+        log(run_dir, 0, metrics | (data or {}), rank)
+        if rank == 0:
+            print("before training: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return tqdm(range(start, args.steps), initial=start, total=args.steps, disable=rank != 0)
+
+
+def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
+    """Log the step's metrics, show the main ones, and checkpoint every --save-every steps and at the end
+    (weights, tokenizer and the trainer state: the step, `state` and what the script adds to it)."""
+    log(run_dir, step + 1, metrics, rank)
+    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in
+                     ("train/loss", "train/reward", "train/kl", "eval/accuracy", "eval/preference_accuracy")})
+    if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+        model.save_pretrained(run_dir, tok, state={"step": step + 1, **state})
+
+
+def finish(args, run_dir, rank, metrics):
+    """Log and print the final held-out metrics; leave the process group."""
     log(run_dir, args.steps, metrics, rank)
     if rank == 0:
-        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + f" | saved to {run_dir}")
+        print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+              + f" | saved to {run_dir}")
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------------------------
+# Rollouts: sample k completions of each prompt and score them; log-probs of what was sampled; the
+# metrics of every RL step (each script holds the functions it uses)
+
+
+@torch.no_grad()
+def rollout(model, tok, examples, args, step, rank, amp):
+    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
+    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
+    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+    prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
+    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    with amp:
+        out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                   seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)
+    seqs, masks, rewards, texts, ended = [], [], [], [], []
+    for j, (p, o, n) in enumerate(zip(prompts, out.tolist(), mask.sum(1).tolist())):
+        texts.append(tok.decode(o[:n]))
+        seqs.append(p + o[:n])
+        masks.append([0] * len(p) + [1] * n)
+        rewards.append(reward_fn(texts[-1], examples[j // args.group_size]))
+        ended.append(o[n - 1] in tok.stop_ids)
+    return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch, micro_batch_size, amp):
+    """log π(target) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
+    ids, targets, mask = batch
+    out = []
+    for i in range(0, len(ids), micro_batch_size):
+        sl = slice(i, i + micro_batch_size)
+        with amp:
+            out.append(model(ids[sl], targets[sl], mask=mask[sl]).float())
+    return torch.cat(out)
+
+
+def rl_metrics(rewards, gen_mask, ended, n_seqs, t0, t_gen):
+    """The metrics every RL step logs (the script adds its own): rewards (this rank's), the mask of the
+    generated tokens and whether each completion ended with EOS, summed over ranks; timings."""
+    reward_sum, n_gen, n_ended = all_sum(rewards.sum().item(), gen_mask.sum().item(), ended.sum().item())
+    return {"train/reward": reward_sum / n_seqs, "train/completion_len": n_gen / n_seqs,
+            "train/ended_with_eos": n_ended / n_seqs,
+            "perf/gen_seconds": t_gen, "perf/update_seconds": time.time() - t0 - t_gen,
+            "perf/tokens_per_sec": n_gen / (time.time() - t0)}
+
+
+# ----------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     main()

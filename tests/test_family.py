@@ -1,5 +1,6 @@
-"""The scripts' common blocks are byte-identical (so that `diff parent child` is the algorithm), the common
-Args fields come first in the same order, and every script imports nothing from the repository but model."""
+"""The scripts' shape (DESIGN.md): the algorithm first, main() next, then, below one marker line, the blocks that are
+byte-identical in every script (so that `diff parent child` is the algorithm); the common Args fields first in the same
+order; nothing imported from the repository but model."""
 import ast
 import dataclasses
 import importlib
@@ -11,7 +12,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["sft.py", "rejection_sampling.py", "dpo.py", "reinforce.py", "grpo.py", "grape.py", "ppo.py", "trpo.py"]
 PRESENT = [s for s in SCRIPTS if (ROOT / s).exists()]
-SAMPLERS = [s for s in PRESENT if s != "sft.py"]  # every script that samples has the rollout block
+SAMPLERS = [s for s in PRESENT if s != "sft.py"]  # every script that samples has rollout()
+RL = ["reinforce.py", "grpo.py", "grape.py", "ppo.py", "trpo.py"]  # and these the RL step's metrics
+MARKER = "# Everything below this line is the same, byte for byte, in every script"
+
+
+def split(text):
+    """(above, below) the marker line."""
+    assert text.count(MARKER) == 1, "no marker line (or more than one)"
+    i = text.index(MARKER)
+    return text[:i], text[i:]
 
 
 def section(text, title):
@@ -21,24 +31,60 @@ def section(text, title):
     return m.group(0)
 
 
-def function_source(text, name):
+def functions(text):
+    """{name: (first line, source)} of the top-level functions and classes."""
     tree = ast.parse(text)
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    return ast.get_source_segment(text, node)
+    return {n.name: (n.lineno, ast.get_source_segment(text, n)) for n in tree.body
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_reading_order(script):
+    """docstring, imports, Args, the algorithm's functions (the first before line 200), main(), the marker, then
+    only the shared blocks and the `if __name__ == "__main__"` line."""
+    text = (ROOT / script).read_text()
+    above, below = split(text)
+    defs = functions(text)
+    marker_line = above.count("\n") + 1
+    assert list(defs)[0] == "Args" and defs["main"][0] < marker_line
+    own = [line for name, (line, _) in defs.items() if name not in ("Args", "main") and line < marker_line]
+    assert own and min(own) < 200 and max(own) < defs["main"][0], "the algorithm's functions come before main()"
+    assert text.rstrip().endswith('if __name__ == "__main__":\n    main()')
 
 
 @pytest.mark.parametrize("script", PRESENT)
 def test_task_and_shared_blocks_identical(script):
-    ref, text = (ROOT / "sft.py").read_text(), (ROOT / script).read_text()
+    ref, text = split((ROOT / "sft.py").read_text())[1], split((ROOT / script).read_text())[1]
     for title in ("Task", "Shared machinery"):
         assert section(text, title) == section(ref, title), f"{script}: the '{title}' block differs from sft.py's"
-    assert function_source(text, "parse_args") == function_source(ref, "parse_args")
 
 
-@pytest.mark.parametrize("script", SAMPLERS)
-def test_rollout_block_identical(script):
-    ref = section((ROOT / "reinforce.py").read_text(), "Rollouts")
-    assert section((ROOT / script).read_text(), "Rollouts") == ref, f"{script}: the 'Rollouts' block differs"
+def test_every_shared_function_has_one_text():
+    """A function below the marker has the same source in every script that defines it; rollout() is in every
+    script that samples and rl_metrics() in every RL script; nothing above the marker is shared by 3+ scripts."""
+    below = {s: functions(split((ROOT / s).read_text())[1]) for s in PRESENT}
+    above = {s: functions(split((ROOT / s).read_text())[0]) for s in PRESENT}
+    texts = {}
+    for s, defs in below.items():
+        for name, (_, src) in defs.items():
+            texts.setdefault(name, set()).add(src)
+    assert {name for name, srcs in texts.items() if len(srcs) > 1} == set()
+    assert all("rollout" in below[s] for s in SAMPLERS) and all("rl_metrics" in below[s] for s in RL if s in PRESENT)
+    copies = {}
+    for s, defs in above.items():
+        for name, (_, src) in defs.items():
+            if name not in ("Args", "main"):
+                copies.setdefault(src, []).append(s)
+    assert [v for v in copies.values() if len(v) >= 3] == []
+
+
+@pytest.mark.parametrize("script", PRESENT)
+def test_no_dead_functions(script):
+    """Every function of a script is called (or used) somewhere in it."""
+    text = (ROOT / script).read_text()
+    for name in functions(text):
+        if name not in ("Args", "main"):
+            assert len(re.findall(rf"\b{name}\b", text)) >= 2, f"{script}: {name} is never used"
 
 
 @pytest.mark.parametrize("script", PRESENT)

@@ -137,11 +137,11 @@ def test_evaluate_rubric_per_category_means(tmp_path, monkeypatch):
     exs = [{"prompt": "p", "completion": "#### 5", "answer": "5", "category": cat} for cat in ("math", "style", "style", "math", "math")]
     texts = ["#### 5", "#### 5", "#### 55", "#### 4", "#### 5"]
 
-    def fake_evaluate(model, tok, examples, args, amp, keep=None):
+    def fake_completions(model, tok, examples, args, amp):
         assert examples is exs
-        keep += list(zip(exs, texts))
-        return {"eval/reward": 0.5}
-    monkeypatch.setattr(R, "evaluate", fake_evaluate)
+        return list(zip(exs, texts))
+    monkeypatch.setattr(R, "eval_completions", fake_completions)
+    monkeypatch.setattr(R, "eval_metrics", lambda pairs, n: {"eval/reward": 0.5})
     got = R.evaluate_rubric(None, None, exs, SimpleNamespace(category="math"), None, items)
     assert got == pytest.approx({"eval/reward": 0.5, "eval/rubric/correct": 2 / 3, "eval/rubric/short": 1 / 2})
 

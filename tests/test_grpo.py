@@ -34,8 +34,6 @@ def test_group_advantages_hand_worked():
     batch_std = r.std().item()
     torch.testing.assert_close(G.group_advantages(r, "batch", eps=0.0), (r - r.mean(1, keepdim=True)) / batch_std)
     torch.testing.assert_close(G.group_advantages(r, "batch", batch_std=2.0, eps=0.0), (r - r.mean(1, keepdim=True)) / 2)
-    with pytest.raises(SystemExit, match="unknown --scale-rewards"):
-        G.group_advantages(r, "std")
 
 
 def test_group_advantages_are_invariant_to_each_groups_affine_rescaling():
@@ -63,7 +61,7 @@ def test_k1_and_k3_are_unbiased_for_the_exact_kl():
     for kind in ("k1", "k3"):
         est, exact = exact_expectation(p, q, kind)
         assert est == pytest.approx(exact, rel=1e-12), kind
-    torch.testing.assert_close(G.kl_estimate(p.log(), q.log(), "k1"), G.kl_k1(p.log(), q.log()))
+    torch.testing.assert_close(G.kl_estimate(p.log(), q.log(), "k1"), p.log() - q.log())
     samples = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
     k1, k3 = (G.kl_estimate(p.log()[samples], q.log()[samples], k) for k in ("k1", "k3"))
     exact = exact_expectation(p, q, "k1")[1]
@@ -98,8 +96,6 @@ def test_k3_is_nonnegative_and_its_gradients():
     logp.grad = None
     G.kl_estimate(logp, ref, "k2").sum().backward()  # d k2 / d log π = log π − log π_ref
     torch.testing.assert_close(logp.grad, logp.detach() - ref)
-    with pytest.raises(SystemExit, match="unknown --kl-estimator"):
-        G.kl_estimate(logp, ref, "k4")
 
 
 # ---------------------------------------------------------------------------------------------- clipped surrogate
@@ -147,8 +143,6 @@ def test_aggregate_hand_worked():
     assert G.aggregate(x, mask, "seq-mean-token-mean", 2, 5, 4).item() == pytest.approx((1.5 + 4.0) / 2)
     assert G.aggregate(x, mask, "token-mean", 2, 5, 4).item() == pytest.approx(15 / 5)
     assert G.aggregate(x, mask, "seq-mean-token-sum-norm", 2, 5, 4).item() == pytest.approx((3 + 12) / (2 * 4))
-    with pytest.raises(SystemExit, match="unknown --loss-agg"):
-        G.aggregate(x, mask, "sum", 2, 5, 4)
 
 
 @pytest.mark.parametrize("mode", AGGS)
@@ -211,9 +205,11 @@ def test_missing_sft_checkpoint_message(monkeypatch, tmp_path):
         run_script(G, monkeypatch, tmp_path)
 
 
-def test_bad_choice_is_one_clear_error(monkeypatch, tmp_path, tiny_ckpt):
-    with pytest.raises(SystemExit, match=r"unknown --loss-agg 'sum' \(seq-mean-token-mean, token-mean, seq-mean-token-sum-norm\)"):
+def test_bad_choice_is_one_clear_error(monkeypatch, tmp_path, tiny_ckpt, capsys):
+    with pytest.raises(SystemExit) as e:  # the parser refuses it, before anything is loaded or written
         run_script(G, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--loss-agg", "sum")
+    assert e.value.code == 2 and not (tmp_path / "runs").exists()
+    assert "--loss-agg: invalid choice: 'sum' (choose from" in capsys.readouterr().err
 
 
 def test_smoke_and_resume(monkeypatch, tmp_path, tiny_ckpt):

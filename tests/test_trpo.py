@@ -46,7 +46,7 @@ def explicit_fisher(policy, batch):
     logp = policy(ids).log_softmax(-1)  # (B, T, V)
     for b, t in mask.nonzero().tolist():
         for y in range(logp.shape[-1]):
-            grad = T.flat(torch.autograd.grad(logp[b, t, y], params, retain_graph=True))
+            grad = T.parameters_to_vector(torch.autograd.grad(logp[b, t, y], params, retain_graph=True))
             F += logp[b, t, y].exp().item() * torch.outer(grad, grad) / n
     return F
 
@@ -96,7 +96,7 @@ def test_natural_gradient_step_meets_the_trust_region():
     ids, targets, mask = batch
     old_logp = policy(ids, targets, mask=mask).detach()
     T.surrogate_loss(policy(ids, targets, mask=mask), old_logp, adv, mask, n_tok).backward()
-    g = -T.flat([p.grad for p in policy.parameters()])
+    g = -T.parameters_to_vector([p.grad for p in policy.parameters()])
     policy.zero_grad(set_to_none=True)
     fvp = T.fisher_vector_product(policy, batch, n_tok, 3, NULL)
     x, r, _ = T.conjugate_gradient(fvp, g, 10)
