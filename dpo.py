@@ -2,58 +2,55 @@
 dpo.py: Direct Preference Optimization (DPO) from preference pairs, with a frozen reference model.
 
 Rafailov et al. 2023 (arXiv 2305.18290); the exposition follows Patel, arXiv 2509.04501. Given pairs
-of a prompt x, a preferred completion y_w and a dispreferred one y_l, train the policy π_θ directly as
-the implicit reward model r(x,y) = β log π_θ(y|x)/π_ref(y|x) of a Bradley-Terry preference:
+of a prompt x, a preferred completion y_w and a dispreferred one y_l, train the policy π_θ directly
+as the implicit reward model r(x,y) = β log π_θ(y|x)/π_ref(y|x) of a Bradley-Terry preference:
 
     L(θ) = − E_{(x,y_w,y_l)} log σ( β log π_θ(y_w|x)/π_ref(y_w|x) − β log π_θ(y_l|x)/π_ref(y_l|x) )
 
 Choices made here where the literature differs:
-  1. Pairs (--task). arith (default) and gsm8k: built from the task by sampling the starting model:
-     --group-size k completions of each prompt (temperature --temperature, --max-new-tokens, the seeds
-     fixed by --seed and the prompt's chunk), each scored by reward_fn; up to --pairs-per-prompt pairs per
-     prompt, each rejected a different one of the distinct lowest-reward samples and its chosen a random
-     one of the highest-reward ones (several pairs use more of the k samples than one: 1 is the usual
-     one pair per prompt), all drawn by one random.Random(f"pairs-{seed}") in prompt order; a prompt
-     whose k rewards are all equal gives no pair (counted and logged as data/skipped_*_prompts).
-     Training pairs come from the --train-size training prompts, held-out pairs from the --eval-size
-     eval prompts, never trained on. hh: Anthropic
-     HH-RLHF {"chosen", "rejected"} dialogues; the prompt is the text up to and including the last
-     "\n\nAssistant:" (it must be the same in both, else the pair is skipped and counted), the
-     completions the final assistant turns; fed as raw text for every model (no chat template), each
-     completion + EOS. jsonl: {"prompt", "chosen", "rejected"} lines, prompts laid out as in sft.py.
-     hh and jsonl hold out the last --eval-size pairs. A pair longer than --max-len tokens is cut: each
-     completion to its first --max-len / 2 tokens, then the prompt from the left (the last turns survive).
-  2. The reference is the starting model. Its summed log-probs of every chosen and rejected completion
-     are computed once before training (no grad, micro-batched) and kept; the model is then freed.
-  3. Loss (--loss), with h = log π_θ/π_ref(y_w) − log π_θ/π_ref(y_l): sigmoid (DPO; --label-smoothing
-     ε > 0 is conservative DPO, the labels taken as flipped with probability ε); robust (rDPO,
-     Chowdhury et al. 2024, arXiv 2403.00409: unbiased under flips at rate ε); ipo ((h − 1/(2β))²,
-     Azar et al. 2023, arXiv 2310.12036); hinge (max(0, 1 − βh), SLiC). --rpo-alpha adds α times the
-     NLL of the chosen completions (RPO, Pang et al. 2024, arXiv 2404.19733), against the fall of the
-     chosen log-probs: on by default, since without it plain DPO at --lr 1e-4 took the tiny model from
-     59% to 13% held-out accuracy in our run, its chosen log-probs falling with the rejected.
-     --length-norm divides each log-ratio by the completion's length in tokens.
-     Defaults (β = 0.01, α = 4, --lr 2e-4, 400 steps) are what worked on the tiny model and `arith` in
-     our runs (README): a small β keeps the pairwise loss near its linear regime, so every pair keeps
-     pushing its margin (β 0.5 and 0.1 ended lower on held-out preference accuracy, β 0.02 about the
-     same), and α = 4 makes the run part SFT on the chosen (right) samples; Rafailov et al. use β = 0.1
-     and no NLL term.
-  4. Aggregation: the pairwise loss is a mean over the pairs of the optimizer step (a global
-     normaliser over micro-batches and ranks); the NLL term is token-weighted over every chosen token
-     of the step, sft.py's loss.
-  5. Offline: the pairs are fixed for the whole run and visited in a seeded permutation per epoch.
-  6. Logged: implicit rewards β·log π_θ/π_ref of chosen and rejected, their margin, preference
-     accuracy (margin > 0, a tie counts 1/2, so the starting model scores exactly 0.5), the policy's
-     summed log-probs of chosen and rejected and how often it alone prefers the chosen (logp_accuracy);
-     the same on the held-out pairs, and held-out task accuracy (greedy) where the task has a reward.
-  7. Under torchrun the sampling and the reference pass are split over ranks and gathered; the update
-     is data parallel as in sft.py.
+  1. Loss on completion tokens only: prompt tokens are masked; the EOS that ends a completion is a
+     completion token and is in the loss (otherwise the model never learns to stop).
+  2. Aggregation: the pairwise loss is a mean over the pairs of the optimizer step, the NLL term
+     (choice 8) sft.py's token-weighted mean over every chosen token of the step; both normalisers
+     count all micro-batches and ranks, so the gradient is the same however the batch is split.
+  3. AdamW (β = 0.9, 0.95; weight decay on matrices only), linear warmup then cosine decay to 10 %
+     of the peak rate, gradient norm clipped. bf16 autocast on CUDA, fp32 on CPU.
+  4. Data parallel under torchrun: each rank takes its share of the batch, gradients are summed with
+     one all-reduce (gloo on CPU, NCCL on GPU) and, with choice 2, equal the one-process gradient.
+     The sampling of the pairs and the reference pass are split over ranks and gathered.
+  5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
+     where the uninterrupted run ends. Offline: the pairs are fixed for the whole run.
+  6. Pairs (--task). arith (default), gsm8k: --group-size k samples of each prompt from the starting
+     model (--temperature, seeded), scored by reward_fn; up to --pairs-per-prompt pairs a prompt,
+     each rejected a different one of the distinct lowest-reward samples, its chosen a random
+     highest-reward one; a prompt whose k rewards all tie gives none (logged as
+     data/skipped_*_prompts). Held-out pairs come from the --eval-size eval prompts. hh: Anthropic
+     HH-RLHF dialogues, the prompt up to the last "\\n\\nAssistant:" (the same in both, else skipped
+     and counted), raw text for every model. jsonl: {"prompt", "chosen", "rejected"} lines. hh and
+     jsonl hold out the last --eval-size pairs. A pair over --max-len tokens is cut: each completion
+     to --max-len / 2, then the prompt from the left.
+  7. The reference is the starting model; its summed log-probs of every chosen and rejected
+     completion are computed once before training (no grad) and kept, and the model is freed.
+  8. Loss (--loss), h = log π_θ/π_ref(y_w) − log π_θ/π_ref(y_l): sigmoid (DPO; --label-smoothing ε >
+     0 is conservative DPO); robust (rDPO, Chowdhury et al., arXiv 2403.00409: unbiased under label
+     flips at rate ε); ipo ((h − 1/(2β))², Azar et al., arXiv 2310.12036); hinge (max(0, 1 − βh),
+     SLiC). --length-norm divides each log-ratio by the completion's length in tokens (the mean
+     per-token log-ratio); --loss ipo uses length-normalised log-ratios by default, as the IPO paper
+     and TRL do. --rpo-alpha α adds α times the NLL of the chosen completions (RPO, Pang et al.,
+     arXiv 2404.19733) against the fall of the chosen log-probs. Defaults β = 0.01, α = 4 (Rafailov
+     et al.: β = 0.1 and no NLL term; why: docs/experiments.md#dpo).
+  9. Logged: implicit rewards β·log π_θ/π_ref of chosen and rejected, their margin, preference
+     accuracy (margin > 0, a tie counts 1/2, so the starting model scores 0.5), the policy's own
+     log-probs and how often it alone prefers the chosen (logp_accuracy); the same on the held-out
+     pairs, and held-out task accuracy (greedy) where the task has a reward.
 
 Run:
   python sft.py && python dpo.py                                         # tiny model, `arith`, CPU
-  python dpo.py --task hh --eval-size 300 --max-len 256 --steps 150 --beta 0.1 --rpo-alpha 0 --lr 1e-4  # HH, tiny
+  python dpo.py --task hh --eval-size 300 --max-len 256 --steps 150 --beta 0.1 --rpo-alpha 0 \\
+      --lr 1e-4                                                           # HH, tiny model
   python dpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task hh --eval-size 500 --lr 5e-7 \\
-      --beta 0.1 --rpo-alpha 0 --batch-size 64 --micro-batch-size 8 --steps 300 --max-len 1024    # one GPU, bf16
+      --beta 0.1 --rpo-alpha 0 --batch-size 64 --micro-batch-size 8 --steps 300 \\
+      --max-len 1024                                                      # one GPU, bf16
   torchrun --nproc_per_node=2 dpo.py                                     # data parallel
 """
 

@@ -1,47 +1,63 @@
 """
-grape.py: GRAPE, grpo.py with rubric rewards: checked and judged items per category, each item's weight
-its importance times the critic's confidence, then group-relative advantages and the clipped update.
+grape.py: GRAPE, grpo.py with rubric rewards: checked and judged items per category, each item's
+weight its importance times the critic's confidence, then group-relative advantages and the clip.
 
-Generalized Relative Advantage Policy Evolution, the direction proposed in the final section of Patel,
-arXiv 2509.04501 (related: "Rubrics as Rewards", arXiv 2507.17746). Every prompt x has a category c(x)
-and every category a rubric: items k of importance λ_k, each *checked* (a program: answer right, format
-followed ...) or *judged* (a critic model answers the item's question about the completion), giving
-completion y_i a score s_ik ∈ [0, 1] and a confidence c_ik ∈ [0, 1]. The reward is their
-confidence-weighted mean; the rest is grpo.py, whose choices 1-6 (advantage, KL, aggregation, clip, μ,
-truncation) hold unchanged:
+Generalized Relative Advantage Policy Evolution, the direction proposed in the final section of
+Patel, arXiv 2509.04501 (related: "Rubrics as Rewards", arXiv 2507.17746). Every prompt x has a
+category c(x) and every category a rubric: items k of importance λ_k, each *checked* (a program:
+answer right, format followed ...) or *judged* (a critic model answers the item's question about the
+completion), giving completion y_i a score s_ik ∈ [0, 1] and a confidence c_ik ∈ [0, 1]. The reward
+is their confidence-weighted mean; the rest is grpo.py:
 
-    r_i = Σ_k w_k s_ik / Σ_k w_k  over the items k of c(x),   w_k = λ_k · mean_j c_jk  (j: the batch's completions)
-    J(θ) = E_x E_{y_1..y_G ~ π_old} [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1 − ε_low, 1 + ε_high) A_i)
-                                       − β D_KL(π_θ || π_ref) ],
-    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),   A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
+    r_i = Σ_k w_k s_ik / Σ_k w_k over the items k of c(x),   w_k = λ_k · mean_j c_jk (j: the batch)
+    J(θ) = E_x E_{y_1..y_G ~ π_old} [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i)
+                                      − β D_KL(π_θ ‖ π_ref) ],
+    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),
+    A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
 
-Choices made here where the paper leaves them open:
-  1. Rubric: JSON {category: [items]} (--rubric; DEFAULT_RUBRIC otherwise). An item is {"name", "kind":
-     "checked" | "judged", "weight": λ > 0} plus "check" (one of CHECKS: score 0 or 1, confidence 1) or
-     "question". An example's category is its "category" field (jsonl lines may carry one), else --category.
-  2. Judged items: the local critic (the frozen reference, or --judge-model) reads, in one forward pass,
-     the next-token probabilities of "yes" / "no" after the problem, the completion and the question:
-     s = P(yes) / (P(yes) + P(no)), c = |2s − 1|. Over HTTP (--judge-url, OpenAI chat completions) it
-     replies {"score", "confidence", "reason"} as JSON (clamped to [0, 1]; retried with backoff).
-  3. c = |2s − 1| measures how decisive the critic is, not whether it is right: 0 for a coin flip, 1 for a
-     certain verdict either way, so a critic sure and wrong gets full weight. w_k averages c over every
-     completion of the batch in the item's category, over all ranks: an item the critic cannot judge
-     counts less this step. (With --scale-rewards group, a group whose checked items all tie is ranked by
-     its judged scores alone, at full scale; batch keeps such small differences small.)
-  4. Reward hacking: the completion is pasted into the critic's prompt, so the policy can learn text that
-     sways the critic ("this is correct, answer yes") instead of meeting the criterion. Keep checked items
-     heavy, read samples, and distrust a judged rubric/<name>/score that rises while eval/accuracy does not.
-  5. --per-item-advantages (beyond the paper): each item's scores get group advantages of their own
-     (grpo.py's, same --scale-rewards), then A_i = Σ_k w_k A_ik / Σ_k w_k, so a criterion with a small
-     spread in the group is not drowned by one with a large one.
-  6. Logged: rubric/<name>/score, /confidence (batch means) and /weight; every evaluation adds
-     eval/rubric/<name>, the held-out mean of each checked item on evaluate()'s greedy completions.
+where agg_t is the paper's 1/|y_i| Σ_t (choice 3) and the KL is estimated per token (choice 2).
+
+Choices made here where the literature differs:
+  1, 3, 4. As grpo.py: the advantage, the loss aggregation, the μ updates and the clip.
+  2. KL: per token, in the loss with weight β and aggregated like the surrogate (the paper). The
+     default k3 = π_ref/π_θ − log(π_ref/π_θ) − 1 (≥ 0) in the loss follows, in expectation, the
+     gradient of KL(π_ref ‖ π_θ), the reverse direction, as in DeepSeekMath and TRL; k2 = ½
+     log²(π_θ/π_ref) (--kl-estimator k2) follows that of KL(π_θ ‖ π_ref); k1 = log(π_θ/π_ref) in the
+     loss has an expected gradient of exactly zero (it only adds noise), so --kl-estimator k1
+     --kl-in loss is refused. --kl-in reward subtracts β Σ_t k from the reward before the advantages
+     instead (as reinforce.py). With β = 0 no reference model is loaded.
+  5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
+     π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
+     the same T, recomputed by the training forward pass (never the sampler's numbers); here those
+     of the policy, the old policy π_old and the reference.
+  6. Truncated completions (no EOS within --max-new-tokens) keep their reward (a failure) unless
+     --mask-truncated drops them from the loss (DAPO's overlong filtering); they still count in
+     their group's statistics.
+  7. Rubric (this and 8-12: the paper leaves them open): JSON {category: [items]} (--rubric;
+     DEFAULT_RUBRIC otherwise). An item is {"name", "kind": "checked" | "judged", "weight": λ > 0}
+     plus "check" (one of CHECKS: score 0 or 1, confidence 1) or "question". An example's category
+     is its "category" field, else --category.
+  8. Judged items: the local critic (the frozen reference, or --judge-model) reads, in one forward
+     pass, the next-token probabilities of "yes" / "no" after the problem, the completion and the
+     question: s = P(yes) / (P(yes) + P(no)), c = |2s − 1|. Over HTTP (--judge-url, OpenAI chat
+     completions) it replies {"score", "confidence", "reason"} (outside [0, 1]: an error; retried).
+  9. c measures how decisive the critic is, not whether it is right: a critic sure and wrong gets
+     full weight. w_k averages c over the batch's completions in the item's category, over all
+     ranks, so an item the critic cannot judge counts less this step. (With --scale-rewards group, a
+     group whose checked items all tie is ranked by its judged scores alone, at full scale.)
+  10. Reward hacking: the completion is pasted into the critic's prompt, so the policy can learn
+     text that sways the critic ("this is correct, answer yes"). Keep checked items heavy, read
+     samples, and distrust a judged rubric/<name>/score that rises while eval/accuracy does not.
+  11. --per-item-advantages (beyond the paper): each item's scores get grpo.py's group advantages of
+     their own, then A_i = Σ_k w_k A_ik / Σ_k w_k, so an item with a small spread is not drowned.
+  12. Logged: rubric/<name>/score, /confidence (batch means) and /weight; every evaluation adds
+     eval/rubric/<name>, the held-out mean of each checked item on the greedy completions.
 
 Run:
   python sft.py && python grape.py                                       # tiny model, `arith`, CPU
   python grape.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-6 \\
       --batch-size 32 --micro-batch-size 16 --max-new-tokens 256 \\
-      --judge-url http://localhost:8000/v1 --judge-name Qwen/Qwen2.5-7B-Instruct   # one GPU, vLLM critic
+      --judge-url http://localhost:8000/v1 --judge-name Qwen/Qwen2.5-7B-Instruct   # vLLM critic
   torchrun --nproc_per_node=2 grape.py                                   # data parallel
 """
 

@@ -6,7 +6,7 @@ exposition follows Patel, arXiv 2509.04501. Sample k completions y_1..y_k of eac
 policy, score them, and follow the policy gradient of the expected reward with a baseline b:
 
     ∇J(θ) = E_x E_{y~π_θ} [ (R(x,y) − b) ∇ Σ_t log π_θ(y_t | x, y_<t) ],
-    R(x,y) = r(x,y) − β Σ_t (log π_θ(y_t | ·) − log π_ref(y_t | ·))        (k1 KL folded into the reward)
+    R(x,y) = r(x,y) − β Σ_t (log π_θ(y_t | ·) − log π_ref(y_t | ·))   (k1 KL folded into the reward)
 
 Choices made here where the literature differs:
   1. Baseline: leave-one-out (RLOO): b_i = mean of the other k − 1 rewards of the same prompt, which
@@ -19,8 +19,10 @@ Choices made here where the literature differs:
      log-probability, as REINFORCE has it) and averaged over the batch's sequences; the EOS is one
      of the completion's tokens.
   4. On policy: one gradient step per batch of fresh samples, so no importance ratio is needed.
-  5. Sampling at temperature 1 (--temperature); log-probs are recomputed with the training forward
-     pass (the sampler's numbers are never reused).
+  5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
+     π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
+     the same T, recomputed by the training forward pass (never the sampler's numbers); here those
+     of the policy and the reference.
 
 Run:
   python sft.py && python reinforce.py                                   # tiny model, `arith`, CPU

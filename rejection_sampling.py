@@ -1,33 +1,39 @@
 """
 rejection_sampling.py: rejection sampling fine-tuning in rounds (RAFT, ReST-EM, expert iteration).
 
-Sample k completions of each prompt from the current policy, score them with the reward, keep the best
-one when it passes a threshold, fine-tune on the kept set with sft.py's loss, and start the next round
-from the improved policy (Dong et al., RAFT, arXiv 2304.06767; Gulcehre et al., ReST, arXiv 2308.08998;
-Singh et al., ReST-EM, arXiv 2312.06585; the rejection sampling stage of Llama 2, arXiv 2307.09288; the
-exposition follows Patel, arXiv 2509.04501). In ReST-EM's EM view the E-step samples from the current
-policy and weights each sample by the reward (the posterior of "the answer is right"), and the M-step
-maximises the log-likelihood of the kept set D_n, the SFT loss on self-generated data:
+Dong et al., RAFT, arXiv 2304.06767; Gulcehre et al., ReST, arXiv 2308.08998; Singh et al., ReST-EM,
+arXiv 2312.06585; the rejection sampling stage of Llama 2, arXiv 2307.09288; the exposition follows
+Patel, arXiv 2509.04501. Round n samples k completions of each prompt from the current policy, keeps
+those the reward passes (ReST-EM's E-step) and maximises their likelihood (the M-step):
 
     D_n = {(x, y_i) : y_1..y_k ~ π_θn(· | x), y_i passes the filter (r(x, y_i) ≥ τ)}
     θ_n+1 = argmin_θ  − Σ_{(x,y) ∈ D_n} Σ_{t=1..|y|} log π_θ(y_t | x, y_<t)  /  Σ_{(x,y) ∈ D_n} |y|
 
 Choices made here where the literature differs:
-  1. Filter: of each prompt's k samples the best one, when its reward is at least --threshold τ (RAFT,
-     Llama 2; a tie goes to the first sampled), or with --keep all every sample that passes (ReST-EM).
-     A completion cut off by --max-new-tokens is never kept. A prompt with nothing kept drops out.
-  2. Identical kept completions of one prompt are kept once (--dedup; it matters only with --keep all).
-  3. Each round continues from the current policy (RAFT, expert iteration); --from-base instead
+  1. Loss on completion tokens only: prompt tokens are masked; the EOS that ends a completion is a
+     completion token and is in the loss (otherwise the model never learns to stop).
+  2. Token-weighted mean over every completion token of the optimizer step (all micro-batches, all
+     ranks): the gradient is the same however the batch is split. A mean per micro-batch would not
+     be.
+  3. AdamW (β = 0.9, 0.95; weight decay on matrices only), linear warmup then cosine decay to 10 %
+     of the peak rate, gradient norm clipped. bf16 autocast on CUDA, fp32 on CPU. --steps counts
+     rounds: the rate follows the schedule over the rounds, constant within one.
+  4. Data parallel under torchrun: each rank takes its share of the batch, gradients are summed with
+     one all-reduce (gloo on CPU, NCCL on GPU) and, with choice 2, equal the one-process gradient.
+     Each rank samples its share of the round's prompts; the kept set is gathered in prompt order.
+  5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
+     where the uninterrupted run ends.
+  6. Filter: of each prompt's k samples the best one, when its reward is at least --threshold τ
+     (RAFT, Llama 2; a tie goes to the first sampled), or with --keep all every sample that passes
+     (ReST-EM). A completion cut off by --max-new-tokens is never kept. A prompt with nothing kept
+     drops out.
+  7. Identical kept completions of one prompt are kept once (--dedup; it matters only with --keep
+     all).
+  8. Each round continues from the current policy (RAFT, expert iteration); --from-base instead
      fine-tunes the starting model afresh on each round's kept set (ReST-EM), which limits drift.
-  4. Each round fine-tunes for --epochs E passes over its kept set in a seeded order, at a rate constant
-     within the round; --steps counts rounds, and the rate warms up and decays (cosine, to 10 %) over
-     them. The AdamW state carries over from round to round with the policy: a fresh AdamW's first
-     steps are sign-like (its second moments are one gradient's squares) and set the tiny model back at
-     the start of each round in our runs. --from-base starts both afresh.
-  5. The loss is sft.py's: the mean NLL over every completion token of the optimizer step, EOS included.
-  6. Data parallel under torchrun: each rank samples its share of the round's prompts; the kept set is
-     gathered in prompt order, so every rank holds the same global set and takes its share of each
-     batch as sft.py does, and the summed gradient equals the one-process gradient.
+  9. Each round fine-tunes for --epochs E passes over its kept set in a seeded order. The AdamW
+     state carries over from round to round with the policy (a fresh AdamW's first steps are
+     sign-like: its second moments are one gradient's squares); --from-base starts both afresh.
 
 Run:
   python sft.py && python rejection_sampling.py                           # tiny model, `arith`, CPU

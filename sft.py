@@ -10,7 +10,8 @@ Choices made here where the literature differs:
   1. Loss on completion tokens only: prompt tokens are masked; the EOS that ends a completion is a
      completion token and is in the loss (otherwise the model never learns to stop).
   2. Token-weighted mean over every completion token of the optimizer step (all micro-batches, all
-     ranks): the gradient is the same however the batch is split. A mean per micro-batch would not be.
+     ranks): the gradient is the same however the batch is split. A mean per micro-batch would not
+     be.
   3. AdamW (β = 0.9, 0.95; weight decay on matrices only), linear warmup then cosine decay to 10 %
      of the peak rate, gradient norm clipped. bf16 autocast on CUDA, fp32 on CPU.
   4. Data parallel under torchrun: each rank takes its share of the batch, gradients are summed with
@@ -19,10 +20,10 @@ Choices made here where the literature differs:
      where the uninterrupted run ends.
 
 Run:
-  python sft.py                                                            # tiny model, `arith`, CPU
-  python sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 2e-5 --batch-size 64 \\
-      --micro-batch-size 16 --steps 500 --max-new-tokens 256                # one GPU, bf16
-  torchrun --nproc_per_node=2 sft.py                                       # data parallel
+  python sft.py                                                           # tiny model, `arith`, CPU
+  python sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 2e-5 \\
+      --batch-size 64 --micro-batch-size 16 --steps 500 --max-new-tokens 256   # one GPU, bf16
+  torchrun --nproc_per_node=2 sft.py                                      # data parallel
 """
 
 import argparse

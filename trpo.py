@@ -4,69 +4,52 @@ trpo.py: trust region policy optimization with a learned value function (actor-c
 Schulman et al. 2015 (TRPO, arXiv 1502.05477) for language models: ppo.py with the policy step
 replaced (the exposition follows Patel, arXiv 2509.04501). Where PPO takes several small clipped
 steps per batch, TRPO takes one: the largest step along the natural gradient whose KL from the old
-policy stays within δ,
+policy stays within δ (E_t: the mean over the batch's completion tokens):
 
     max_θ E_t [ ρ_t A_t ]   subject to   KL̄(θ) = E_t [ KL(π_old(· | s_t) ‖ π_θ(· | s_t)) ] ≤ δ,
-    ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t),   E_t the mean over the batch's completion tokens.
-
-Linearise the objective (gradient g) and take the constraint to second order (the Hessian of KL̄ at
-θ_old is the Fisher matrix F of the policy): the step is s = sqrt(2δ / xᵀF x) · x with x = F⁻¹ g.
-  1. g: the gradient of the surrogate E_t[ρ_t A_t] at θ_old, one backward through the fused log-probs.
-  2. x: conjugate gradient on (F + damping · I) x = g (--cg-iters, --cg-damping). F (n_params²) is
-     never formed: CG only needs products F v = ∇θ((∇θ KL̄)ᵀ v), Hessian-vector products of the mean
-     KL, one double backward each.
-  3. s scaled so that ½ sᵀ(F + damping · I) s = δ, with xᵀ(F + damping · I) x = xᵀ(g − r), r the CG
-     residual (no extra product); the damping makes the step a little shorter than δ allows.
-  4. Backtracking line search over θ_old + 0.5^i s, i = 0, 1, ...: the first θ whose measured KL̄ is at
-     most δ and whose surrogate improves is kept; if none is, the old parameters stay.
-The critic, the per-token rewards, GAE and whitening are ppo.py's (--epochs and --mini-batches are
-the critic's alone here; --grad-clip does not touch the policy, whose step δ sets, and --lr only
-through the shape of its schedule: choice 7).
+    r_t = −β (log π_old(y_t | s_t) − log π_ref(y_t | s_t)) + [t = last] r(x, y),   s_t = (x, y_<t),
+    A_t = Σ_l (γλ)^l δ_t+l,   δ_t = r_t + γ V(s_t+1) − V(s_t)   (GAE; V is regressed on A + V_old)
 
 Choices made here where the literature differs:
-  1. KL̄ is exact, not sampled: the KL between the two distributions over the whole vocabulary at each
-     completion token, averaged over the completion tokens (all ranks). That takes the logits at
-     those tokens, (completion tokens of a micro-batch) x V floats, and for F v the graph of a double
-     backward: the one place in this project where logits exist, since the fused log-prob kernel
-     has no double backward. Attention runs in PyTorch's math kernel there (the fused CPU and GPU
-     kernels have no double backward either).
-  2. F comes from every --fvp-subsample-th sequence of the batch, as Schulman (2016) computes it on
-     10 % of the data: F only sets the metric of the step, while g, the KL bound and the surrogate of
-     the line search use the whole batch. The forward and first backward of F's KL are done once per
-     step and their graph kept, so that each CG iteration is a single backward through it.
-  3. Surrogate: the token mean of ρ_t A_t, normalised as in ppo.py; no clipping, no entropy bonus.
-     With data parallel, g, F v, the KL and the surrogate are summed over ranks, so every rank takes
-     the same step.
-  4. Acceptance: KL̄ ≤ δ and a positive surrogate gain (the original also asks for a fraction of the
-     linearly expected gain gᵀs, logged as train/expected_gain). train/kl_step is the measured KL̄ of
-     the accepted step (0 when it was rejected), so it never exceeds δ (δ_t, choice 7).
-  5. θ_old is kept as a flat vector (for rejection) and π_old as its log-probabilities over the vocabulary
-     at the batch's completion tokens, computed once per step, so a line-search try is one forward.
-  6. Defaults: 60 steps of 32 prompts where ppo.py takes 100 of 16 (one step per batch, so a batch
-     that estimates g better); F from 8 of the 128 sequences (--fvp-subsample 16).
-  7. δ is annealed: step t uses δ_t = δ (lr_t / lr)², lr_t the learning-rate schedule of the other scripts
-     (--warmup-steps, then cosine to 10 %), so the step's length, which grows as √δ_t, follows the same
-     schedule an optimizer's step does; the original keeps δ fixed. With δ fixed (and --cg-damping 0.1),
-     runs of seeds 0 / 1 / 2 (one thread) ended at 73.6 / 69.0 / 70.0 %, annealed at 74.4 / 69.0 / 72.2 %
-     (two threads, seed 0: 74.0 % fixed, 73.8 % annealed: the evidence is weak). train/max_kl logs δ_t.
-  8. --cg-damping 1.0, so that 5 CG iterations solve the system: with 0.1 the residual stayed larger
-     than g itself (|r| / |g| 1.7-2.4 over the first steps), with 1.0 it is 0.2-0.7, while the step's
-     angle to the plain gradient barely moves (cosine 0.68-0.87 against 0.64-0.83, logged as
-     train/step_cos_gradient). Held-out accuracy, seeds 0 / 1 / 2 (one thread): 74.4 / 70.6 / 71.4 % with
-     1.0, 74.4 / 69.0 / 72.2 % with 0.1; seed 0 with two threads 74.4 % against 73.8 %: equal within noise.
-Cost of one policy step, in forward-backward passes over the batch (ppo.py: --epochs of them): 1 for
-g; about 1 for the kept graph of F's KL on the subsample, then per CG iteration about 1.5x that (a
-backward through a backward), i.e. ~4 for 10 iterations at --fvp-subsample 4, under 1 for the
-default 5 at 16 (F and CG 0.7 s, g 0.9 s on 2 CPU threads); 1 forward for π_old and 1 per line-search
-try. Memory: the kept double-backward graph (~3x the activations of a forward-backward of the subsample,
-logits included), π_old over the vocabulary at every completion token of the batch (N x V floats: 5 MB
-here, 128 x 200 tokens x 49152 = 5 GB for SmolLM2 on gsm8k), three models (policy, reference, critic),
-the critic's optimizer, a few flat parameter vectors; no optimizer state for the policy.
+  1-3. As ppo.py: the critic, the per-token reward, and GAE with whitened advantages.
+  4. Policy step (in place of ppo.py's clipped epochs): g = ∇ E_t[ρ_t A_t] at θ_old; x solves (F +
+     damping · I) x = g by --cg-iters of conjugate gradient, F the Fisher matrix (the Hessian of KL̄
+     at θ_old), never formed: CG needs only F v = ∇θ((∇θ KL̄)ᵀ v), one double backward each; the
+     step s = sqrt(2δ / xᵀ(F + damping · I) x) · x, with xᵀ(F + damping · I) x = xᵀ(g − r), r the CG
+     residual. Backtracking over θ_old + 0.5^i s keeps the first θ whose measured KL̄ ≤ δ and whose
+     surrogate improves (the original also asks for a fraction of gᵀs, logged as
+     train/expected_gain); if none does, θ_old stays. No clipping, no entropy bonus; --grad-clip
+     does not touch the policy.
+  5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
+     π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
+     the same T, recomputed by the training forward pass (never the sampler's numbers); here those
+     of the policy, the old policy π_old and the reference, and also the vocabulary log-probs behind
+     KL̄ and the Fisher-vector products.
+  6. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
+  7. Updates: one policy step per batch; --epochs and --mini-batches are the critic's alone here.
+  8. Logged: train/kl_step is the measured KL̄ of the accepted step (0 when it was rejected), so it
+     never exceeds δ_t; train/max_kl is δ_t, train/step_cos_gradient the cosine of s to g.
+  9. KL̄ is exact, not sampled: over the whole vocabulary at each completion token, from the logits
+     there (completion tokens x V floats): the one place in this project where logits exist, since
+     the fused log-prob kernel and the fused attention kernels have no double backward.
+  10. F from every --fvp-subsample-th sequence (16: 8 of the 128; Schulman 2016 uses 10 % of the
+     data): F only sets the metric of the step; g, KL̄ and the line search use the whole batch. The
+     graph of F's KL and its first backward are kept for the step, so a CG iteration is one
+     backward.
+  11. θ_old is kept as a flat vector, π_old as its vocabulary log-probs at the batch's completion
+     tokens, so a line-search try is one forward. Under torchrun g, F v, KL̄ and the surrogate are
+     summed over ranks: every rank takes the same step.
+  12. δ is annealed: δ_t = δ (lr_t / lr)², lr_t the other scripts' schedule (warmup, then cosine to
+     10 %), so the step's length (∝ √δ_t) follows it; --lr acts only there. The original keeps δ
+     fixed.
+  13. Defaults: 60 steps of 32 prompts x 4 (ppo.py: 100 of 64 x 1), one step per batch so a batch
+     that estimates g better; --cg-damping 1.0, so that 5 CG iterations solve the system.
+Measured numbers, cost and memory of a step: docs/experiments.md#trpo.
 
 Run:
   python sft.py && python trpo.py                                        # tiny model, `arith`, CPU
-  python trpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --max-kl 1e-3 --critic-lr 1e-5 \\
-      --batch-size 32 --micro-batch-size 8 --max-new-tokens 256           # one GPU, bf16
+  python trpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --max-kl 1e-3 \\
+      --critic-lr 1e-5 --batch-size 32 --micro-batch-size 8 --max-new-tokens 256   # one GPU, bf16
   torchrun --nproc_per_node=2 trpo.py                                    # data parallel
 """
 
