@@ -71,7 +71,8 @@ class GPTConfig:
         if isinstance(self.eos_token_id, int):
             self.eos_token_id = [self.eos_token_id]
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
-        assert self.pos in ("rope", "learned") and self.norm in ("rmsnorm", "layernorm") and self.mlp in ("swiglu", "gelu")
+        assert (self.pos in ("rope", "learned") and self.norm in ("rmsnorm", "layernorm")
+                and self.mlp in ("swiglu", "gelu"))
 
 
 def tiny_config(**overrides):
@@ -110,7 +111,8 @@ def rope_inv_freq(cfg):
     if s["rope_type"] == "linear":
         return (inv / s["factor"]).float()
     # llama3: long wavelengths slowed down by `factor`, short ones kept, smooth ramp in between
-    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, lo, hi, old = (s["factor"], s["low_freq_factor"], s["high_freq_factor"],
+                           s["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv
     smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
     scaled = (1 - smooth) * inv / factor + smooth * inv
@@ -125,19 +127,30 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (L, B, n_kv_head, max_len, head_dim)."""
+    """Preallocated keys and values, per layer (B, n_kv_head, max_len, head_dim); `len` positions filled.
+    static: a call writes at the positions `slot` (a tensor) and attends over all max_len keys, the mask
+    hiding the empty ones, so every decode step has the same shapes (torch.compile compiles it once)."""
 
-    def __init__(self, cfg, batch, max_len, device, dtype):
-        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.len = 0  # positions filled so far
+    def __init__(self, cfg, batch, max_len, device, dtype, static=False):
+        shape = (batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.len, self.static, self.slot = 0, static, None  # len: positions filled; slot: where static writes
 
     def update(self, layer, k, v):
+        if self.static:
+            self.k[layer].index_copy_(2, self.slot, k)
+            self.v[layer].index_copy_(2, self.slot, v)
+            return self.k[layer], self.v[layer]
         t0, t1 = self.len, self.len + k.shape[2]
-        self.k[layer, :, :, t0:t1] = k
-        self.v[layer, :, :, t0:t1] = v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        self.k[layer][:, :, t0:t1] = k
+        self.v[layer][:, :, t0:t1] = v
+        return self.k[layer][:, :, :t1], self.v[layer][:, :, :t1]
+
+    def repeat_rows(self, reps):
+        """Row i repeated reps[i] times: the samples of one prompt share its prefill."""
+        self.k = [k.repeat_interleave(reps, 0) for k in self.k]
+        self.v = [v.repeat_interleave(reps, 0) for v in self.v]
 
 
 class Attention(nn.Module):
@@ -190,6 +203,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    grad_checkpoint = False  # True: trunk recomputes each block in the backward (activation memory: one block)
+    static_cache = False  # True (use_compile): generate's KV cache has static shapes (always on CUDA)
+
     def __init__(self, config):
         super().__init__()
         self.config = cfg = config
@@ -219,13 +235,22 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def use_compile(self):
+        """torch.compile the trunk (the training forward, generate's prefill and decode steps) and make
+        generate decode over a static KV cache: every step then has the same shapes and compiles once."""
+        if self.lm_head.weight.device.type != "cuda":
+            raise ValueError("--compile needs CUDA: on the CPU, torch.compile takes minutes for every new shape")
+        self.trunk = torch.compile(self.trunk)  # an instance attribute: the state dict's names are unchanged
+        self.static_cache = True
+        return self
+
     def trunk(self, idx, positions=None, attn_mask=None, cache=None):
         """Token ids (B, T) -> final normalised hidden states (B, T, d). Without positions and mask:
         plain causal attention from position 0 (right padding needs no mask)."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)
-        if positions.max() >= self.config.max_seq_len:
+        if not torch.compiler.is_compiling() and positions.max() >= self.config.max_seq_len:
             raise ValueError(f"sequence of {int(positions.max()) + 1} tokens exceeds the context of "
                              f"{self.config.max_seq_len} tokens (max_seq_len)")
         x = self.transformer.wte(idx)
@@ -236,8 +261,12 @@ class GPT(nn.Module):
             freqs = positions[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
             freqs = torch.cat((freqs, freqs), dim=-1)
             rope = (freqs.cos().to(x.dtype), freqs.sin().to(x.dtype))
+        ckpt = self.grad_checkpoint and torch.is_grad_enabled() and cache is None
         for block in self.transformer.h:
-            x = block(x, rope, attn_mask, cache)
+            if ckpt:  # keep only the block's input; recompute its activations in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, attn_mask, None, use_reentrant=False)
+            else:
+                x = block(x, rope, attn_mask, cache)
         if cache is not None:
             cache.len += T
         return self.transformer.ln_f(x)
@@ -269,8 +298,9 @@ class GPT(nn.Module):
 
         Prompts are left-padded; each row's positions start at 0 at its first real token and a mask
         hides the padding, so every row sees exactly what it would see alone. One preallocated KV
-        cache; the prefill computes logits only at the last position; each step then feeds one token
-        per row. temperature 0 is greedy. A row stops at its first EOS (any id in eos_id, default the
+        cache; equal consecutive prompts (the k samples of one prompt) are prefilled once and share
+        its cache rows; the prefill computes logits only at the last position; each step then feeds
+        one token per row. temperature 0 is greedy. A row stops at its first EOS (any id in eos_id, default the
         config's), which is part of its completion; the loop stops when every row has stopped.
         Returns tokens (B, n) with pad_id after the end, and mask (B, n), 1 on generated tokens."""
         cfg, device = self.config, self.lm_head.weight.device
@@ -284,24 +314,37 @@ class GPT(nn.Module):
             raise ValueError(f"generate: prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
                              f"context of {cfg.max_seq_len} tokens")
         gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))  # from the global RNG, not re-seeding it
+        # without a seed: one drawn from the global RNG (which is not re-seeded)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
         idx = torch.full((B, P), pad, dtype=torch.long, device=device)
         valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # keys that are real tokens
         for i, p in enumerate(prompts):
             idx[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
             valid[i, P - len(p):P] = True
         n_pad = P - valid[:, :P].sum(1)  # (B,)
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.lm_head.weight.dtype
-        cache = KVCache(cfg, B, P + max_new_tokens, device, dtype)
+        amp = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if amp else self.lm_head.weight.dtype
+        # the samples of one prompt come as equal consecutive prompts: prefill each distinct one once
+        first = [i for i in range(B) if i == 0 or prompts[i] != prompts[i - 1]]
+        # static cache: with torch.compile, and on CUDA, where cuDNN attention plans every new shape once
+        L, static = P + max_new_tokens, self.static_cache or device.type == "cuda"
+        cache = KVCache(cfg, len(first), L, device, dtype, static)
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
         out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        # prefill: causal within the prompt, padding hidden, then the first sampled token
+        # prefill: causal within the prompt, padding hidden, then the first sampled token. A static cache
+        # writes at positions `slot` and attends over all L keys (the empty ones masked)
+        keys = L if static else P
         pos = (torch.arange(P, device=device) - n_pad[:, None]).clamp(min=0)
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        attn_mask = (causal[None] & valid[:, None, :P])[:, None]  # (B, 1, P, P)
-        attn_mask = attn_mask | torch.eye(P, dtype=torch.bool, device=device)  # a pad query sees itself: no NaN
-        h = self.trunk(idx, pos, attn_mask, cache)[:, -1]
+        causal = torch.ones(P, keys, dtype=torch.bool, device=device).tril()
+        attn_mask = (causal[None] & valid[:, None, :keys])[:, None]  # (B, 1, P, keys)
+        attn_mask = attn_mask | torch.eye(P, keys, dtype=torch.bool, device=device)  # a pad query sees itself: no NaN
+        cache.slot = torch.arange(P, device=device) if static else None
+        u = torch.tensor(first, device=device)
+        reps = torch.tensor([j - i for i, j in zip(first, first[1:] + [B])], device=device)
+        h = self.trunk(idx[u], pos[u], attn_mask[u], cache)[:, -1].repeat_interleave(reps, 0)  # (B, d)
+        if len(first) < B:
+            cache.repeat_rows(reps)
         for t in range(max_new_tokens):
             logits = self.lm_head(h).float()  # (B, V)
             nxt = sample_next(logits, temperature, top_p, top_k, gen)
@@ -312,7 +355,8 @@ class GPT(nn.Module):
                 break
             valid[:, P + t] = True
             pos = (P + t - n_pad)[:, None]  # (B, 1)
-            h = self.trunk(nxt[:, None], pos, valid[:, None, None, :P + t + 1], cache)[:, -1]
+            cache.slot = torch.full((1,), P + t, device=device) if static else None
+            h = self.trunk(nxt[:, None], pos, valid[:, None, None, :L if static else P + t + 1], cache)[:, -1]
         return out, out_mask.long()
 
 
@@ -363,17 +407,18 @@ class _TokenLogprobs(torch.autograd.Function):
                 lse[s:s + rows] = m = torch.logsumexp(z, dim=-1)
                 logp[s:s + rows] = z.gather(1, targets[s:s + rows, None]).squeeze(1) - m
                 if want_entropy:  # H = lse - sum_v p_v z_v
-                    ent[s:s + rows] = m - (z.sub(m[:, None]).exp_() * z).sum(-1)
+                    ent[s:s + rows] = m - z.sub(m[:, None]).exp_().mul_(z).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.mm, ctx.acc, ctx.rows, ctx.want_entropy = temperature, mm, acc, rows, want_entropy
         ctx.mark_non_differentiable(targets)
+        ctx.set_materialize_grads(False)  # an output not in the loss gets None (not zeros): skip its work
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse = ctx.saved_tensors
         T, mm, acc, rows = ctx.temperature, ctx.mm, ctx.acc, ctx.rows
-        use_ent = ctx.want_entropy and g_ent is not None
+        use_ent = ctx.want_entropy and g_ent is not None  # None: entropy only logged, not in the loss
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if ctx.needs_input_grad[1] else None
@@ -417,12 +462,17 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, chun
 # digit kept whole, as it is when the digits have been split off first.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DIGITS_GPT2_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+"""
-LLAMA3_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 GGUF_PRE_PATTERNS = {"gpt-2": GPT2_PATTERN, "default": GPT2_PATTERN, "smollm": DIGITS_GPT2_PATTERN,
                      "starcoder": DIGITS_GPT2_PATTERN, "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN,
                      "qwen2": QWEN2_PATTERN}
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+# The chat template written for a checkpoint that has none: the user's text as it is, what chat_prompt uses then
+PLAIN_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}{% endif %}"
+                  "{% endfor %}")
 
 
 def _bytes_to_unicode():
@@ -456,8 +506,9 @@ def _pattern_from_json(pre, where):
         return GPT2_PATTERN
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return DIGITS_GPT2_PATTERN
-    if kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {}) and not steps[1].get("use_regex", True) \
-            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
+    if (kinds == ["Split", "ByteLevel"] and "Regex" in steps[0].get("pattern", {})
+            and not steps[1].get("use_regex", True) and steps[0].get("behavior") == "Isolated"
+            and not steps[0].get("invert")):
         return steps[0]["pattern"]["Regex"]
     raise ValueError(f"{where}: pre_tokenizer {json.dumps(pre)[:200]} is not supported; model.py reads the "
                      "byte-level BPE layouts of GPT-2, Llama 3, Qwen2 and SmolLM2")
@@ -477,7 +528,7 @@ class Tokenizer:
         self.enc, self.eos_id, self.pad_id, self.bos_id, self.add_bos = enc, eos_id, pad_id, bos_id, add_bos
         self.chat, self.system, self.nfc = chat, system, nfc
         self.pre_tokenizer, self.merges, self.chat_template = pre_tokenizer, merges, chat_template
-        self.source_files = source_files or {}  # original tokenizer files, written back verbatim on save
+        self.source_files = source_files or {}  # original tokenizer files, written back on save
         self.special = dict(enc._special_tokens)
         self.stop_ids = sorted({eos_id} | {self.special[s] for s in ("<|endoftext|>", "<|end_of_text|>")
                                            if s in self.special and self.special[s] != pad_id})
@@ -541,6 +592,8 @@ class Tokenizer:
             source["tokenizer_config.json"] = tc_path.read_text(encoding="utf-8")
         where = str(tj_path)
         model = tj.get("model") or {}
+        if not isinstance(model, dict):
+            raise ValueError(f"{where}: \"model\" is {json.dumps(model)[:40]}, expected an object")
         if model.get("type") != "BPE":
             raise ValueError(f"{where}: tokenizer model {model.get('type')!r} is not supported; model.py reads "
                              "byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2)")
@@ -548,9 +601,19 @@ class Tokenizer:
         if norm not in (None, {"type": "NFC"}):
             raise ValueError(f"{where}: normalizer {json.dumps(norm)[:120]} is not supported (only none or NFC)")
         pattern = _pattern_from_json(tj.get("pre_tokenizer"), where)
-        added = {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
-        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        enc = _bpe_encoding(model["vocab"], added, merges, pattern, where)
+        vocab, added_tokens, merges = model.get("vocab"), tj.get("added_tokens") or [], model.get("merges") or []
+        is_id = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if not (isinstance(vocab, dict) and all(map(is_id, vocab.values()))):
+            raise ValueError(f"{where}: model.vocab is missing or not an object of token: id")
+        if not (isinstance(added_tokens, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                                       and is_id(t.get("id")) for t in added_tokens)):
+            raise ValueError(f"{where}: added_tokens is not a list of objects with a content string and an id")
+        pair = lambda m: isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)
+        if not (isinstance(merges, list) and all(isinstance(m, str) or pair(m) for m in merges)):
+            raise ValueError(f"{where}: model.merges is not a list of \"a b\" strings or [a, b] pairs")
+        added = {t["content"]: t["id"] for t in added_tokens}
+        merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+        enc = _bpe_encoding(vocab, added, merges, pattern, where)
         token = lambda v: (v.get("content") if isinstance(v, dict) else v)
         cfg = _read_json(path / "config.json") if (path / "config.json").exists() else {}
         eos = token(tc.get("eos_token"))
@@ -580,16 +643,19 @@ class Tokenizer:
                              "BPE vocabularies (tokenizer.ggml.model = 'gpt2')")
         pre = meta.get("tokenizer.ggml.pre", "default")
         if pre not in GGUF_PRE_PATTERNS:
-            raise ValueError(f"{where}: tokenizer.ggml.pre = {pre!r} is not supported; known: {sorted(GGUF_PRE_PATTERNS)}")
-        tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type", [1] * len(meta["tokenizer.ggml.tokens"]))
+            raise ValueError(f"{where}: tokenizer.ggml.pre = {pre!r} is not supported; "
+                             f"known: {sorted(GGUF_PRE_PATTERNS)}")
+        tokens, types = meta["tokenizer.ggml.tokens"], meta.get("tokenizer.ggml.token_type",
+                                                                [1] * len(meta["tokenizer.ggml.tokens"]))
         added = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)}  # control, user-defined
         vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 1}  # normal
         merges = list(meta.get("tokenizer.ggml.merges", []))
         pattern = GGUF_PRE_PATTERNS[pre]
         enc = _bpe_encoding(vocab, added, merges, pattern, where)
         return cls._assemble(enc, meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.padding_token_id"),
-                             meta.get("tokenizer.ggml.bos_token_id"), bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-                             meta.get("tokenizer.chat_template"), pre == "qwen2", _pre_tokenizer_json(pattern), merges, {})
+                             meta.get("tokenizer.ggml.bos_token_id"),
+                             bool(meta.get("tokenizer.ggml.add_bos_token", False)), meta.get("tokenizer.chat_template"),
+                             pre == "qwen2", _pre_tokenizer_json(pattern), merges, {})
 
     @classmethod
     def _assemble(cls, enc, eos_id, pad_id, bos_id, add_bos, template, nfc, pre_tokenizer, merges, source):
@@ -609,12 +675,17 @@ class Tokenizer:
 
     # -- saving (Hugging Face layout)
     def save_files(self):
-        """{filename: text} of tokenizer.json and tokenizer_config.json, the originals when we have them."""
+        """{filename: text} of tokenizer.json and tokenizer_config.json, the originals when we have them.
+        tokenizer_config.json always names our EOS, pad and BOS (an original may name another pad,
+        or the EOS that a chat format replaces), and a checkpoint without a chat template gets
+        PLAIN_TEMPLATE, so that other tools build the prompts chat_prompt builds."""
         files = dict(self.source_files)
+        names = {i: s for s, i in self.special.items()}
         if "tokenizer.json" not in files:
             b2u = _bytes_to_unicode()
-            names = {i: s for s, i in self.special.items()}
             vocab = {"".join(b2u[b] for b in tok): i for tok, i in self.enc._mergeable_ranks.items()}
+            vocab.update((s, i) for i, s in names.items())  # specials in the vocab too, or readers renumber them
+            vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
             files["tokenizer.json"] = json.dumps({
                 "version": "1.0", "truncation": None, "padding": None,
                 "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
@@ -624,13 +695,18 @@ class Tokenizer:
                 "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                           "vocab": vocab, "merges": self.merges or []}}, ensure_ascii=False)
-        if "tokenizer_config.json" not in files:
-            names = {i: s for s, i in self.special.items()}
-            tc = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": names.get(self.eos_id),
-                  "pad_token": names.get(self.pad_id), "bos_token": names.get(self.bos_id), "add_bos_token": self.add_bos}
+        if "tokenizer_config.json" in files:
+            tc = json.loads(files["tokenizer_config.json"])
+        else:
+            tc = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.add_bos,
+                  "clean_up_tokenization_spaces": False}
             if self.chat_template:
                 tc["chat_template"] = self.chat_template
-            files["tokenizer_config.json"] = json.dumps(tc, indent=2, ensure_ascii=False)
+        tc.update(eos_token=names.get(self.eos_id), pad_token=names.get(self.pad_id), bos_token=names.get(self.bos_id))
+        if not self.chat_template:
+            tc["chat_template"] = ("{{ bos_token }}" if self.add_bos and self.bos_id is not None
+                                   else "") + PLAIN_TEMPLATE
+        files["tokenizer_config.json"] = json.dumps(tc, indent=2, ensure_ascii=False)
         return files
 
 
@@ -658,21 +734,28 @@ def _bpe_encoding(vocab, added, merges, pattern, where):
 
 
 def _read_json(path):
+    """A JSON object from a file (every JSON file model.py reads holds one object)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(obj), "a number")
+        raise ValueError(f"{path}: expected a JSON object, got {kind}")
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------
 # safetensors: an 8-byte header length, a JSON header, then the raw little-endian tensors
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
 
 
 def read_safetensors(path):
-    """{name: tensor} of one .safetensors file, memory-mapped (copy-on-write: the file is never written)."""
+    """{name: tensor} of one .safetensors file, memory-mapped (copy-on-write: the file is never written).
+    The header is checked as the `safetensors` package checks it: the tensors tile the data section."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -685,21 +768,44 @@ def read_safetensors(path):
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{path}: corrupt safetensors header (not JSON)") from None
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-    tensors = {}
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise ValueError(f"{path}: corrupt safetensors header (expected a JSON object of tensors, "
+                         "with __metadata__ an object)")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    entries, data_size = [], size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = ST_DTYPES.get(info.get("dtype"))
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ValueError(f"{path}: tensor {name}: expected an object with dtype, shape and data_offsets")
+        shape, offsets = info["shape"], info["data_offsets"]
+        dtype = ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dtype is None:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-        start, end = info["data_offsets"]
-        count = math.prod(info["shape"])
-        if end > size - 8 - n:
-            raise ValueError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, the file has {size}")
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']!r}")
+        if not (isinstance(shape, list) and all(map(is_int, shape))):
+            raise ValueError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_int, offsets))
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"{path}: tensor {name}: data_offsets {offsets!r} are not [begin, end], "
+                             "integers with 0 <= begin <= end")
+        entries.append((offsets[0], offsets[1], name, dtype, shape, info["dtype"]))
+    tensors, pos = {}, 0
+    for start, end, name, dtype, shape, kind in sorted(entries, key=lambda e: e[:2]):  # they must tile the data section
+        if start != pos:
+            where = "the first tensor starts at 0" if not tensors else f"the previous tensor ends at {pos}"
+            raise ValueError(f"{path}: tensor {name}: data_offsets [{start}, {end}] "
+                             f"{'overlap' if start < pos else 'leave a gap'}: {where} (corrupt header)")
+        count = math.prod(shape)
         if end - start != count * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name}: {end - start} bytes for shape {info['shape']} {info['dtype']}")
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + start) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = t.view(info["shape"])
+            raise ValueError(f"{path}: tensor {name}: {end - start} bytes for shape {shape} {kind}")
+        if end > data_size:
+            raise ValueError(f"{path}: truncated: tensor {name} ends at byte {8 + n + end}, the file has {size}")
+        t = torch.frombuffer(buf, dtype=dtype, count=count,
+                             offset=8 + n + start) if count else torch.empty(0, dtype=dtype)
+        tensors[name], pos = t.view(shape), end
+    if pos != data_size:
+        raise ValueError(f"{path}: corrupt safetensors file: the tensors end at byte {8 + n + pos}, the file has "
+                         f"{size} bytes (trailing data no tensor covers)")
     return tensors
 
 
@@ -729,20 +835,52 @@ def write_safetensors(path, tensors, metadata=None):
 HF_ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
 
+def _int_field(c, key, where, default=None):
+    """c[key], a positive integer; default when the key is absent or null (required when default is None)."""
+    v = c.get(key)
+    if v is None and default is not None:
+        return default
+    if v is None:
+        raise ValueError(f"{where}: missing required key {key!r} (a positive integer)")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{where}: {key} is {json.dumps(v)}, expected a positive integer")
+    return v
+
+
+def _check_heads(where, n_embd, n_head, n_kv_head, head_dim, names):
+    """The attention sizes agree: the kv heads divide the heads, the heads divide the width (no head_dim)."""
+    embd_key, head_key, kv_key = names
+    if n_head % n_kv_head:
+        raise ValueError(f"{where}: {kv_key} = {n_kv_head} does not divide {head_key} = {n_head}")
+    if not head_dim and n_embd % n_head:
+        raise ValueError(f"{where}: {embd_key} = {n_embd} is not divisible by {head_key} = {n_head} (and no head_dim)")
+
+
 def config_from_hf(c, where):
+    if not isinstance(c, dict):
+        raise ValueError(f"{where}: expected a JSON object")
     archs = c.get("architectures") or [c.get("model_type")]
-    arch = HF_ARCHS.get(archs[0]) or {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2"}.get(archs[0])
+    name = archs[0] if isinstance(archs, list) and isinstance(archs[0], str) else archs
+    families = {"gpt2": "gpt2", "llama": "llama", "qwen2": "qwen2"}
+    arch = (HF_ARCHS.get(name) or families.get(name)) if isinstance(name, str) else None
     if arch is None:
-        raise ValueError(f"{where}: architecture {archs[0]!r} is not supported; model.py loads {', '.join(HF_ARCHS)}")
+        raise ValueError(f"{where}: architecture {name!r} is not supported; model.py loads {', '.join(HF_ARCHS)}")
     eos = c.get("eos_token_id")
-    ids = dict(bos_token_id=c.get("bos_token_id"), eos_token_id=[] if eos is None else eos, pad_token_id=c.get("pad_token_id"))
+    ids = dict(bos_token_id=c.get("bos_token_id"), eos_token_id=[] if eos is None else eos,
+               pad_token_id=c.get("pad_token_id"))
+    size = lambda key, default=None: _int_field(c, key, where, default)
     if arch == "gpt2":
         if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
             raise ValueError(f"{where}: activation_function {c['activation_function']!r} is not supported (gelu_new)")
-        if c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn") or c.get("scale_attn_weights") is False:
-            raise ValueError(f"{where}: GPT-2 attention variants (scale_attn_*, reorder_and_upcast_attn) are not supported")
-        return GPTConfig(arch="gpt2", vocab_size=c["vocab_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_kv_head=c["n_head"],
-                         n_embd=c["n_embd"], ffn_dim=c.get("n_inner") or 4 * c["n_embd"], max_seq_len=c["n_positions"],
+        if (c.get("scale_attn_by_inverse_layer_idx") or c.get("reorder_and_upcast_attn")
+                or c.get("scale_attn_weights") is False):
+            raise ValueError(f"{where}: GPT-2 attention variants (scale_attn_*, reorder_and_upcast_attn) "
+                             "are not supported")
+        n_embd, n_head = size("n_embd"), size("n_head")
+        _check_heads(where, n_embd, n_head, n_head, 0, ("n_embd", "n_head", "n_head"))
+        return GPTConfig(arch="gpt2", vocab_size=size("vocab_size"), n_layer=size("n_layer"), n_head=n_head,
+                         n_kv_head=n_head, n_embd=n_embd, ffn_dim=size("n_inner", 4 * n_embd),
+                         max_seq_len=size("n_positions"),
                          pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True,
                          norm_eps=c.get("layer_norm_epsilon", 1e-5), **ids)
     if c.get("hidden_act", "silu") != "silu" or c.get("mlp_bias"):
@@ -751,33 +889,48 @@ def config_from_hf(c, where):
         raise ValueError(f"{where}: attention_bias = true is not supported for Llama")
     if arch == "qwen2" and c.get("use_sliding_window"):
         raise ValueError(f"{where}: use_sliding_window = true is not supported")
-    rp = dict(c.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling here
+    n_embd, n_head, head_dim = size("hidden_size"), size("num_attention_heads"), size("head_dim", 0)
+    n_kv_head = size("num_key_value_heads", n_head)
+    _check_heads(where, n_embd, n_head, n_kv_head, head_dim,
+                 ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    if (head_dim or n_embd // n_head) % 2:
+        raise ValueError(f"{where}: head size {head_dim or n_embd // n_head} is odd; rotary embeddings need it even")
+    rp = c.get("rope_parameters") or {}  # transformers 5 keeps theta and scaling here
+    scaling = c.get("rope_scaling") or (rp if isinstance(rp, dict) and rp.get("rope_type", "default") != "default"
+                                        else None)
+    if not isinstance(rp, dict) or not isinstance(scaling or {}, dict):
+        raise ValueError(f"{where}: rope_scaling / rope_parameters is not an object")
     theta = c.get("rope_theta") or rp.get("rope_theta") or 10000.0
-    scaling = c.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
     if scaling:
         kind = scaling.get("rope_type") or scaling.get("type")
         if kind not in ("llama3", "linear"):
             raise ValueError(f"{where}: rope scaling {kind!r} is not supported (llama3, linear)")
+        need = ["factor"] + (["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+                             if kind == "llama3" else [])
+        if bad := [k for k in need if not isinstance(scaling.get(k), (int, float)) or isinstance(scaling.get(k), bool)]:
+            raise ValueError(f"{where}: rope scaling {kind} needs numbers for {', '.join(bad)}")
         scaling = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")} | {"rope_type": kind}
-    return GPTConfig(arch=arch, vocab_size=c["vocab_size"], n_layer=c["num_hidden_layers"], n_head=c["num_attention_heads"],
-                     n_kv_head=c.get("num_key_value_heads") or c["num_attention_heads"], n_embd=c["hidden_size"],
-                     head_dim=c.get("head_dim") or 0, ffn_dim=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-                     qkv_bias=arch == "qwen2", tie_embeddings=c.get("tie_word_embeddings", False),
-                     norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling, **ids)
+    return GPTConfig(arch=arch, vocab_size=size("vocab_size"), n_layer=size("num_hidden_layers"), n_head=n_head,
+                     n_kv_head=n_kv_head, n_embd=n_embd, head_dim=head_dim, ffn_dim=size("intermediate_size"),
+                     max_seq_len=size("max_position_embeddings", 2048), qkv_bias=arch == "qwen2",
+                     tie_embeddings=c.get("tie_word_embeddings", False), norm_eps=c.get("rms_norm_eps", 1e-6),
+                     rope_theta=theta, rope_scaling=scaling, **ids)
 
 
 def config_to_hf(cfg):
     eos = cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else (list(cfg.eos_token_id) or None)
     ids = dict(bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id, torch_dtype="float32")
     if cfg.arch == "gpt2":
-        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
-                    n_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=cfg.ffn_dim, n_positions=cfg.max_seq_len, n_ctx=cfg.max_seq_len,
-                    activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, **ids)
+        return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=cfg.vocab_size,
+                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_inner=cfg.ffn_dim,
+                    n_positions=cfg.max_seq_len, n_ctx=cfg.max_seq_len, activation_function="gelu_new",
+                    layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=True, **ids)
     c = dict(architectures=["Qwen2ForCausalLM" if cfg.arch == "qwen2" else "LlamaForCausalLM"], model_type=cfg.arch,
-             vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layer,
-             num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim, hidden_act="silu",
-             max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-             rope_scaling=cfg.rope_scaling, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, **ids)
+             vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_dim,
+             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+             head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+             rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+             tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, **ids)
     if cfg.arch == "qwen2":
         c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
         del c["attention_bias"], c["mlp_bias"]
@@ -790,7 +943,8 @@ def weight_sources(cfg, fmt):
     T = lambda w: w.t()  # GPT-2's Conv1D stores weights (in, out)
     same = None
     # llama.cpp stores q and k rows interleaved for its rotary layout; this undoes it
-    unperm = lambda heads: (lambda w: w.reshape(heads, cfg.head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape))
+    unperm = lambda heads: (lambda w: w.reshape(heads, cfg.head_dim // 2, 2, *w.shape[1:])
+                            .transpose(1, 2).reshape(w.shape))
     m = {}
     if cfg.arch == "gpt2":
         assert fmt == "hf", "GGUF files of GPT-2 are not supported"
@@ -811,13 +965,16 @@ def weight_sources(cfg, fmt):
         uq = unperm(cfg.n_head) if cfg.arch == "llama" and not hf else same
         uk = unperm(cfg.n_kv_head) if cfg.arch == "llama" and not hf else same
         m[h + "ln_1.weight"] = [(f"model.layers.{i}.input_layernorm.weight" if hf else g + "attn_norm.weight", same)]
-        m[h + "attn.c_attn.weight"] = [(a + "q_proj.weight", same), (a + "k_proj.weight", same), (a + "v_proj.weight", same)] if hf \
+        m[h + "attn.c_attn.weight"] = [(a + "q_proj.weight", same), (a + "k_proj.weight", same),
+                                       (a + "v_proj.weight", same)] if hf \
             else [(g + "attn_q.weight", uq), (g + "attn_k.weight", uk), (g + "attn_v.weight", same)]
         if cfg.qkv_bias:
-            m[h + "attn.c_attn.bias"] = [(a + "q_proj.bias", same), (a + "k_proj.bias", same), (a + "v_proj.bias", same)] if hf \
+            m[h + "attn.c_attn.bias"] = [(a + "q_proj.bias", same), (a + "k_proj.bias", same),
+                                         (a + "v_proj.bias", same)] if hf \
                 else [(g + "attn_q.bias", same), (g + "attn_k.bias", same), (g + "attn_v.bias", same)]
         m[h + "attn.c_proj.weight"] = [(a + "o_proj.weight" if hf else g + "attn_output.weight", same)]
-        m[h + "ln_2.weight"] = [(f"model.layers.{i}.post_attention_layernorm.weight" if hf else g + "ffn_norm.weight", same)]
+        m[h + "ln_2.weight"] = [(f"model.layers.{i}.post_attention_layernorm.weight" if hf
+                                 else g + "ffn_norm.weight", same)]
         mlp = f"model.layers.{i}.mlp."
         m[h + "mlp.c_fc.weight"] = [(mlp + "gate_proj.weight", same), (mlp + "up_proj.weight", same)] if hf \
             else [(g + "ffn_gate.weight", same), (g + "ffn_up.weight", same)]
@@ -845,13 +1002,16 @@ def _load_weights(model, get, names, where, fmt):
         if tuple(t.shape) != tuple(params[ours].shape):
             got = ", ".join(f"{n} {tuple(x.shape)}" for (n, _), x in zip(parts, ts))
             raise ValueError(f"{where}: wrong shape: {got}; the config gives {tuple(params[ours].shape)} for {ours}")
+        if bad := [n for (n, _), x in zip(parts, ts) if x.is_floating_point() and not torch.isfinite(x).all()]:
+            raise ValueError(f"{where}: tensor {bad[0]} holds NaN or infinite values (a corrupt file?)")
         with torch.no_grad():
             params[ours].copy_(t)
         used |= {n for n, _ in parts}
     tied_head = {"lm_head.weight", "output.weight"} if model.config.tie_embeddings else set()
     extra = sorted(n for n in names if n not in used and n not in tied_head and not IGNORED_TENSORS.search(n))
     if extra:
-        raise ValueError(f"{where}: unexpected tensors the config does not use: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        raise ValueError(f"{where}: unexpected tensors the config does not use: "
+                         f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
 
 
 def hf_state_dict(model):
@@ -866,16 +1026,43 @@ def hf_state_dict(model):
     return out
 
 
+def _file_in(root, name, where):
+    """root / name for a file name read from a checkpoint or the hub (a shard in an index), refused
+    unless it is a relative path that stays inside root (no absolute path, no `..`)."""
+    if (not isinstance(name, str) or not name or name.startswith("/") or name.endswith("/") or "\\" in name
+            or "\0" in name or ".." in name.split("/")):
+        raise ValueError(f"{where}: file name {json.dumps(name)} is not a relative path inside {root}")
+    return Path(root) / name
+
+
+def _index_shards(index, root):
+    """The shard files a model.safetensors.index.json names (its weight_map values), sorted."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no \"weight_map\" object (tensor name -> shard file)")
+    for f in weight_map.values():
+        _file_in(root, f, index)
+    return sorted(set(weight_map.values()))
+
+
 def resolve_checkpoint(name_or_path):
-    """A local directory or .gguf file as it is; otherwise a hub id (org/name), downloaded once."""
-    p = Path(name_or_path).expanduser()
+    """A local directory or .gguf file as it is; otherwise a hub id (org/name), downloaded once.
+    A name that looks like a local path (./x, /x, ~/x, x.gguf, or its parent directory exists) is one."""
+    name = str(name_or_path)
+    p = Path(name).expanduser()
     if p.exists():
         if p.is_dir() or p.suffix == ".gguf":
             return p
         raise ValueError(f"{p}: not a checkpoint directory or a .gguf file")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)) and not str(name_or_path).startswith((".", "/")):
-        return hub_download(str(name_or_path))
-    raise FileNotFoundError(f"{name_or_path}: no such checkpoint directory or .gguf file")
+    local = (not isinstance(name_or_path, str) or name.startswith((".", "/", "~"))
+             or name.endswith((".gguf", ".json", ".safetensors")) or (str(p.parent) != "." and p.parent.is_dir()))
+    if not local and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        try:
+            return hub_download(name)
+        except OSError as e:
+            raise OSError(f"{e} (and no local path {name} exists)") from None
+    raise FileNotFoundError(f"{name}: no such checkpoint directory or .gguf file "
+                            f"(no such file or directory: {p.absolute()})")
 
 
 def load_pretrained(name_or_path, dtype=torch.float32):
@@ -890,7 +1077,7 @@ def load_pretrained(name_or_path, dtype=torch.float32):
     cfg = config_from_hf(_read_json(cfg_path), str(cfg_path))
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
+        files = _index_shards(index, path)
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -924,12 +1111,26 @@ def save_pretrained(model, out_dir, tokenizer=None, state=None):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = lambda name: out / f".{name}.tmp{os.getpid()}"
-    files = {"config.json": json.dumps(config_to_hf(model.config), indent=2)}
+    for orphan in out.glob(".*.tmp*"):  # left by a save that was killed: its process is gone
+        pid = orphan.name.rsplit(".tmp", 1)[1]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            orphan.unlink(missing_ok=True)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"not saving {out}: non-finite values in {bad[0]} (and {len(bad) - 1} more)")
+    # weights and training state of one save carry the same id, so that a mix of two saves (a crash between
+    # the renames below) is detected on --resume
+    checkpoint = os.urandom(8).hex()
+    state = None if state is None else {**state, "checkpoint": checkpoint}
+    config = config_to_hf(model.config)
+    if tokenizer is not None:  # the tokenizer's ids are the ones training used: one EOS and one pad everywhere
+        config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    files = {"config.json": json.dumps(config, indent=2)}
     if tokenizer is not None:
         files.update(tokenizer.save_files())
     written = []
     try:
-        write_safetensors(tmp("model.safetensors"), hf_state_dict(model), {"format": "pt"})
+        write_safetensors(tmp("model.safetensors"), hf_state_dict(model), {"format": "pt", "checkpoint": checkpoint})
         written.append("model.safetensors")
         if state is not None:
             torch.save(state, tmp("trainer_state.pt"))
@@ -947,7 +1148,11 @@ def save_pretrained(model, out_dir, tokenizer=None, state=None):
         (out / "trainer_state.pt").unlink(missing_ok=True)
     index = out / "model.safetensors.index.json"
     if index.exists():  # an earlier sharded checkpoint here would shadow the new weights
-        for shard in set(_read_json(index)["weight_map"].values()):
+        try:
+            shards = _index_shards(index, out)  # only files inside out
+        except ValueError:
+            shards = []
+        for shard in shards:
             (out / shard).unlink(missing_ok=True)
         index.unlink()
 
@@ -960,9 +1165,23 @@ GPT.save_pretrained = save_pretrained
 # Hub download with the standard library (HF_HOME, HF_ENDPOINT, HF_TOKEN honoured)
 
 
+class _AuthRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, but send Authorization (HF_TOKEN) only to the scheme and host it was set
+    for: urllib would forward it to any host, e.g. the CDN the hub redirects downloads to."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        old_url, new_url = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(newurl)
+        if new is not None and (old_url.scheme, old_url.netloc) != (new_url.scheme, new_url.netloc):
+            new.remove_header("Authorization")
+        return new
+
+
 def hub_download(repo_id, revision="main"):
     """Download a model's config, safetensors (sharded or not) and tokenizer files once into
     $HF_HOME/model.py/<org>--<name>/<revision>/ and return that directory."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) or {".", ".."} & {*repo_id.split("/"), *revision.split("/")}:
+        raise ValueError(f"{repo_id}: not a hub id (org/name) or revision {revision!r} is not valid")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
     dest = home / "model.py" / repo_id.replace("/", "--") / revision
@@ -973,14 +1192,15 @@ def hub_download(repo_id, revision="main"):
     token = os.environ.get("HF_TOKEN")
 
     def fetch(name, required=True):
-        target = dest / name
+        target = _file_in(dest, name, f"{repo_id}: model.safetensors.index.json")
         if target.exists():
             return True
         url = f"{endpoint}/{repo_id}/resolve/{revision}/{urllib.parse.quote(name)}"
         req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                part = target.with_name(f".{name}.part{os.getpid()}")
+            with urllib.request.build_opener(_AuthRedirectHandler).open(req, timeout=60) as r:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                part = target.with_name(f".{target.name}.part{os.getpid()}")
                 with open(part, "wb") as f:
                     while chunk := r.read(1 << 20):
                         f.write(chunk)
@@ -992,13 +1212,14 @@ def hub_download(repo_id, revision="main"):
             hint = " (set HF_TOKEN for a gated or private model)" if e.code in (401, 403) else ""
             raise OSError(f"{repo_id}: cannot download {url}: HTTP {e.code}{hint}") from None
         except urllib.error.URLError as e:
-            raise OSError(f"{repo_id}: cannot download {url}: {e.reason} (no network? set HF_ENDPOINT, or pass a local path)") from None
+            raise OSError(f"{repo_id}: cannot download {url}: {e.reason} "
+                          "(no network? set HF_ENDPOINT, or pass a local path)") from None
 
     fetch("config.json")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         fetch(name, required=False)
     if fetch("model.safetensors.index.json", required=False):
-        for shard in sorted(set(_read_json(dest / "model.safetensors.index.json")["weight_map"].values())):
+        for shard in _index_shards(dest / "model.safetensors.index.json", dest):
             fetch(shard)
     else:
         fetch("model.safetensors")
@@ -1011,12 +1232,13 @@ def hub_download(repo_id, revision="main"):
 
 # ggml type id -> (name, elements per block, bytes per block)
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
-              7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-              12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
-              16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50),
-              20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136),
-              24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8),
-              29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66)}
+              7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36), 10: ("Q2_K", 256, 84),
+              11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+              15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+              19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110), 22: ("IQ2_S", 256, 82),
+              23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4), 27: ("I64", 1, 8),
+              28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54),
+              35: ("TQ2_0", 256, 66)}
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
@@ -1044,11 +1266,16 @@ class GGUFFile:
             self.tensors = {}
             for _ in range(n_tensors):
                 name = self._string()
-                dims = [self._scalar(10) for _ in range(self._scalar(4))]
+                n_dims = self._scalar(4)
+                if n_dims > 4:  # GGML_MAX_DIMS
+                    raise ValueError(f"{self.path}: corrupt GGUF header: tensor {name} has {n_dims} dimensions (max 4)")
+                dims = [self._scalar(10) for _ in range(n_dims)]
                 self.tensors[name] = (dims, self._scalar(4), self._scalar(10))
         except (struct.error, IndexError, UnicodeDecodeError):
             raise ValueError(f"{self.path}: truncated or corrupt GGUF header (at byte {self.pos})") from None
         align = self.metadata.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+            raise ValueError(f"{self.path}: general.alignment is {align!r}, expected a positive integer")
         self.data_start = (self.pos + align - 1) // align * align
 
     def _scalar(self, t):
@@ -1087,10 +1314,13 @@ class GGUFFile:
         dims, t, offset = self.tensors[name]
         kind, block, block_bytes = GGML_TYPES.get(t, (f"type {t}", 1, 0))
         n = math.prod(dims)
+        if n % block:
+            raise ValueError(f"{self.path}: tensor {name}: {n} values are not whole blocks of {block} ({kind})")
         nbytes = n // block * block_bytes
         start = self.data_start + offset
         if start + nbytes > self.size:
-            raise ValueError(f"{self.path}: truncated: tensor {name} needs bytes up to {start + nbytes}, the file has {self.size}")
+            raise ValueError(f"{self.path}: truncated: tensor {name} needs bytes up to {start + nbytes}, "
+                             f"the file has {self.size}")
         raw = np.frombuffer(self.buf, dtype=np.uint8, count=nbytes, offset=start)
         return torch.from_numpy(dequantize(raw, t, n, f"{self.path}: tensor {name}").reshape(dims[::-1]))
 
@@ -1109,7 +1339,8 @@ def dequantize(raw, t, n, where):
     if kind == "Q8_0":  # d (f16), 32 x int8
         b = raw.reshape(-1, 34)
         return (f16(b[:, :2]) * b[:, 2:].view(np.int8).astype(np.float32)).reshape(-1)
-    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # d [, m] [, 32 high bits], 16 bytes of nibbles (low: 0-15, high: 16-31)
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # d [, m] [, 32 high bits], 16 bytes of nibbles
+        # (low: 0-15, high: 16-31)
         has_m, five = kind.endswith("_1"), kind.startswith("Q5")
         b = raw.reshape(-1, GGML_TYPES[t][2])
         d = f16(b[:, :2])
@@ -1139,13 +1370,15 @@ def dequantize(raw, t, n, where):
         sc, d = b[:, 192:208].view(np.int8).astype(np.float32).reshape(-1, 2, 4, 2), f16(b[:, 208:210])
         lo, hi = ql[:, :, :32], ql[:, :, 32:]
         q = np.stack([(lo & 15) | ((qh & 3) << 4), (hi & 15) | (((qh >> 2) & 3) << 4),
-                      (lo >> 4) | (((qh >> 4) & 3) << 4), (hi >> 4) | (((qh >> 6) & 3) << 4)], axis=2) - 32  # (blocks, 2, 4, 32)
+                      (lo >> 4) | (((qh >> 4) & 3) << 4),
+                      (hi >> 4) | (((qh >> 6) & 3) << 4)], axis=2) - 32  # (blocks, 2, 4, 32)
         return (d[:, :, None, None, None] * sc[..., None] * q.reshape(-1, 2, 4, 2, 16)).astype(np.float32).reshape(-1)
     try:
         from gguf.quants import dequantize as gguf_dequantize
         from gguf import GGMLQuantizationType
     except ImportError:
-        raise ValueError(f"{where}: quantization {kind} is not supported by model.py; `pip install gguf` adds it") from None
+        raise ValueError(f"{where}: quantization {kind} is not supported by model.py; "
+                         "`pip install gguf` adds it") from None
     try:
         return gguf_dequantize(raw.reshape(1, -1), GGMLQuantizationType(t)).astype(np.float32).reshape(-1)[:n]
     except (NotImplementedError, ValueError) as e:
@@ -1159,12 +1392,17 @@ def _load_gguf(path, dtype):
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"{where}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
     key = lambda k, default=None: meta.get(f"{arch}.{k}", default)
-    n_embd, n_head = key("embedding_length"), key("attention.head_count")
-    head_dim = key("attention.key_length") or n_embd // n_head
+    size = lambda k, default=None: _int_field(meta, f"{arch}.{k}", where, default)  # checked: a positive integer
+    n_embd, n_head, head_dim = size("embedding_length"), size("attention.head_count"), size("attention.key_length", 0)
+    n_kv_head = size("attention.head_count_kv", n_head)
+    _check_heads(where, n_embd, n_head, n_kv_head, head_dim,
+                 [f"{arch}.{k}" for k in ("embedding_length", "attention.head_count", "attention.head_count_kv")])
+    if "token_embd.weight" not in g.tensors or len(g.tensors["token_embd.weight"][0]) != 2:
+        raise ValueError(f"{where}: no 2-d tensor token_embd.weight (the token embeddings)")
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    cfg = GPTConfig(arch=arch, vocab_size=g.tensors["token_embd.weight"][0][1], n_layer=key("block_count"), n_head=n_head,
-                    n_kv_head=key("attention.head_count_kv") or n_head, n_embd=n_embd, head_dim=head_dim,
-                    ffn_dim=key("feed_forward_length"), max_seq_len=key("context_length", 2048),
+    cfg = GPTConfig(arch=arch, vocab_size=g.tensors["token_embd.weight"][0][1], n_layer=size("block_count"),
+                    n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, head_dim=head_dim or n_embd // n_head,
+                    ffn_dim=size("feed_forward_length"), max_seq_len=size("context_length", 2048),
                     norm_eps=key("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=key("rope.freq_base", 10000.0),
                     qkv_bias=arch == "qwen2", tie_embeddings="output.weight" not in g.tensors,
                     bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=[] if eos is None else [eos],

@@ -16,7 +16,12 @@ written by our save_pretrained.
     python bench/bench_generate.py                         # batch 16, 128 new tokens
     python bench/bench_generate.py --quick                 # batch 4, 16 new tokens: a check that it runs
     python bench/bench_generate.py --model random --no-hf --no-nocache
-    python bench/bench_generate.py --dtype bf16 --compile  # CUDA
+    python bench/bench_generate.py --dtype bf16 --compile  # CUDA: model.use_compile()
+    python bench/bench_generate.py --batch 64 --group 8    # 8 prompts x 8 samples, as the RL scripts ask
+    python bench/bench_generate.py --model random-smollm2  # SmolLM2-135M's shapes, random weights
+
+--group k repeats each of batch / k prompts k times in a row, as the RL scripts do (k samples per
+prompt): model.generate prefills each distinct prompt once, transformers prefills every row.
 
 Writes bench/results/generate.json. On CPU the no-cache baseline is slow (it is quadratic): with the
 135M model, batch 16 and 128 tokens it takes several minutes; --no-nocache skips it.
@@ -48,9 +53,11 @@ RESULTS = Path(__file__).resolve().parent / "results" / "generate.json"
 
 def load(name):
     """(model, tokenizer or None, description)."""
-    if name == "random":
-        cfg = M.GPTConfig(arch="llama", vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, n_embd=256, ffn_dim=704,
-                          max_seq_len=1024, tie_embeddings=True, eos_token_id=[0], pad_token_id=1)
+    if name in ("random", "random-smollm2"):
+        shape = dict(vocab_size=8192, n_layer=8, n_head=8, n_kv_head=4, n_embd=256, ffn_dim=704) if name == "random" \
+            else dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_dim=1536, rope_theta=1e5)
+        cfg = M.GPTConfig(arch="llama", **shape, max_seq_len=2048, tie_embeddings=True, eos_token_id=[0],
+                          pad_token_id=1)
         torch.manual_seed(0)
         m = M.GPT(cfg)
         with torch.no_grad():  # sharper than the init, so greedy decoding is not a sea of ties
@@ -64,13 +71,16 @@ def load(name):
     return m, tok, f"{name} ({m.num_params() / 1e6:.1f}M params)"
 
 
-def make_prompts(tok, vocab, batch, seed=0):
+def make_prompts(tok, vocab, batch, group=1, seed=0):
+    """batch // group distinct prompts, each repeated group times in a row."""
+    n = batch // group
     if tok is not None and GSM8K.exists():
-        rows = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines()[:batch]]
-        if len(rows) == batch:
-            return [tok.chat_prompt(r["question"]) for r in rows], "GSM8K questions, chat format"
+        rows = [json.loads(line) for line in GSM8K.read_text(encoding="utf-8").splitlines()[:n]]
+        if len(rows) == n:
+            return [tok.chat_prompt(r["question"]) for r in rows for _ in range(group)], "GSM8K questions, chat format"
     rng = random.Random(seed)
-    return [[rng.randrange(2, vocab) for _ in range(rng.randint(16, 64))] for _ in range(batch)], "random ids"
+    prompts = [[rng.randrange(2, vocab) for _ in range(rng.randint(16, 64))] for _ in range(n)]
+    return [p for p in prompts for _ in range(group)], "random ids"
 
 
 @torch.no_grad()
@@ -139,12 +149,13 @@ def main():
     p.add_argument("--model", default=str(DEFAULT_GGUF) if DEFAULT_GGUF.exists() else "random",
                    help="a .gguf file, a Hugging Face directory, a hub id, or 'random'")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--group", type=int, default=1, help="samples per prompt: batch / group distinct prompts")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     p.add_argument("--no-nocache", action="store_true", help="skip the (slow) no-cache baseline")
     p.add_argument("--quick", action="store_true", help="batch 4, 16 new tokens: a check that it runs")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--compile", action="store_true", help="torch.compile our trunk (dynamic shapes); CUDA mostly")
+    p.add_argument("--compile", action="store_true", help="model.use_compile(): compiled trunk, static KV cache (CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--cpu", action="store_true", help="CPU even when CUDA is available")
     p.add_argument("--out", default=str(RESULTS))
@@ -159,7 +170,10 @@ def main():
 
     model, tok, desc = load(a.model)
     model = model.to(dev, dtype).eval()
-    prompts, pdesc = make_prompts(tok, model.config.vocab_size, a.batch)
+    if a.batch % a.group:
+        raise SystemExit(f"--batch {a.batch} is not a multiple of --group {a.group}")
+    prompts, pdesc = make_prompts(tok, model.config.vocab_size, a.batch, a.group)
+    pdesc += f", {a.batch // a.group} distinct x {a.group}" if a.group > 1 else ""
     pad = tok.pad_id if tok is not None else (model.config.pad_token_id or 0)
     n, B = a.new_tokens, a.batch
     if max(len(q) for q in prompts) + n > model.config.max_seq_len:
@@ -167,7 +181,7 @@ def main():
     print(f"model: {desc} on {dev} {dname}; {B} prompts ({pdesc}, {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens), {n} new tokens each, greedy", flush=True)
     if a.compile:
-        model.trunk = torch.compile(model.trunk, dynamic=True)
+        model.use_compile()
 
     rows, tokens = [], {}
 
@@ -178,7 +192,7 @@ def main():
         print(f"  {variant:12} {seconds:8.2f} s  {B * n / seconds:9.1f} tokens/s", flush=True)
 
     gen = lambda k: model.generate(prompts, k, temperature=0, eos_id=[], pad_id=pad)
-    gen(2)  # warm-up (and compile)
+    gen(n if a.compile else 2)  # warm-up (and compile: the same shapes as the timed run)
     (out, mask), s = timed(lambda: gen(n), dev)
     assert bool(mask.all()), "a row stopped early"
     record("kv_cache", s, out)
@@ -211,7 +225,7 @@ def main():
     for k, v in agree.items():
         print(f"  {k:24} {v:8.2%} of rows identical")
     meta = dict(model=desc, device=str(dev), dtype=dname, batch=B, new_tokens=n, prompts=pdesc,
-                prompt_tokens=[len(q) for q in prompts], compile=a.compile, torch=torch.__version__,
+                prompt_tokens=[len(q) for q in prompts], group=a.group, compile=a.compile, torch=torch.__version__,
                 python=platform.python_version(), threads=torch.get_num_threads(), cpus=os.cpu_count(),
                 cuda=torch.cuda.get_device_name() if dev.type == "cuda" else None,
                 time=time.strftime("%Y-%m-%d %H:%M:%S"), hf_error=hf_error)

@@ -15,6 +15,10 @@ version (--compile).
     python bench/bench_logprobs.py                     # 8192 tokens, both shapes, CPU fp32
     python bench/bench_logprobs.py --quick             # 1024 tokens: a check that it runs
     python bench/bench_logprobs.py --tokens 4096 --repeat 3 --entropy
+    python bench/bench_logprobs.py --entropy-cost --tokens 4096 --repeat 3   # fused only: entropy's cost
+
+--entropy-cost times the fused kernel three ways: without entropy, with the entropy computed and logged
+but not in the loss (its backward branch is skipped: goal <= 1.15x), and with the entropy in the loss.
 
 Writes bench/results/logprobs.json. The naive version needs about 3 x tokens x V x 4 bytes
 (15 GB at 8192 x 151936); shapes that would not fit in the available memory are skipped with a note.
@@ -57,9 +61,9 @@ def fused(hidden, weight, targets, temperature=1.0, entropy=False):
     return token_logprobs(hidden, weight, targets, temperature), None
 
 
-def step(fn, h, w, t, entropy):
+def step(fn, h, w, t, entropy, in_loss=True):
     lp, ent = fn(h, w, t, 1.0, entropy)
-    loss = lp.sum() + (ent.sum() if ent is not None else 0)
+    loss = lp.sum() + (ent.sum() if ent is not None and in_loss else 0)
     loss.backward()
     h.grad = w.grad = None
 
@@ -100,30 +104,58 @@ def child(a):
     if a.threads:
         torch.set_num_threads(a.threads)
     fn = fused if a.variant == "fused" else naive
-    step(fn, *inputs(16, 256, 64, "cpu", torch.float32, seed=1), a.entropy)  # warm-up: kernels, threads; tiny
+    entropy, in_loss = a.entropy or a.entropy_logged, not a.entropy_logged
+    step(fn, *inputs(16, 256, 64, "cpu", torch.float32, seed=1), entropy, in_loss)  # warm-up: kernels, threads
     h, w, t = inputs(a.tokens, a.vocab, a.dim, "cpu", torch.float32)
     base, linux = reset_peak_rss()
     times = []
     for _ in range(a.repeat):
         t0 = time.perf_counter()
-        step(fn, h, w, t, a.entropy)
+        step(fn, h, w, t, entropy, in_loss)
         times.append(time.perf_counter() - t0)
     print(json.dumps({"peak_extra_bytes": peak_rss(linux) - base, "seconds": times,
                       "method": "VmHWM - VmRSS" if linux else "ru_maxrss delta"}))
 
 
+def run_child(a, name, variant, V, d, *flags):
+    cmd = [sys.executable, __file__, "--child", "--variant", variant, "--vocab", str(V), "--dim", str(d),
+           "--tokens", str(a.tokens), "--repeat", str(a.repeat), "--threads", str(a.threads or 0), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{name} {variant}: child failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def run_cpu(a, name, V, d):
-    out = {}
-    for variant in ("naive", "fused"):
-        cmd = [sys.executable, __file__, "--child", "--variant", variant, "--vocab", str(V), "--dim", str(d),
-               "--tokens", str(a.tokens), "--repeat", str(a.repeat), "--threads", str(a.threads or 0)]
-        if a.entropy:
-            cmd.append("--entropy")
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"{name} {variant}: child failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
-        out[variant] = json.loads(r.stdout.strip().splitlines()[-1])
-    return out
+    return {variant: run_child(a, name, variant, V, d, *(["--entropy"] if a.entropy else []))
+            for variant in ("naive", "fused")}
+
+
+def entropy_cost(a, name, V, d, device):
+    """Fused forward + backward: no entropy, entropy logged (not in the loss), entropy in the loss."""
+    modes = {"no_entropy": [], "entropy_logged": ["--entropy-logged"], "entropy_in_loss": ["--entropy"]}
+    res = {}
+    for mode, flags in modes.items():
+        if device == "cpu":
+            res[mode] = run_child(a, name, "fused", V, d, *flags)["seconds"]
+        else:
+            h, w, t = inputs(a.tokens, V, d, "cuda", torch.bfloat16)
+            entropy, in_loss = bool(flags), flags != ["--entropy-logged"]
+            step(fused, h, w, t, entropy, in_loss)  # warm-up
+            res[mode] = []
+            for _ in range(a.repeat):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step(fused, h, w, t, entropy, in_loss)
+                torch.cuda.synchronize()
+                res[mode].append(time.perf_counter() - t0)
+    base = statistics.median(res["no_entropy"])
+    row = dict(device=device, shape=name, V=V, d=d, tokens=a.tokens, seconds=res,
+               logged_over_none=statistics.median(res["entropy_logged"]) / base,
+               in_loss_over_none=statistics.median(res["entropy_in_loss"]) / base)
+    print(f"  {name}: no entropy {base:.3f} s | entropy logged / none {row['logged_over_none']:.3f}x "
+          f"(goal <= 1.15) | entropy in the loss / none {row['in_loss_over_none']:.3f}x", flush=True)
+    return row
 
 
 def run_cuda(a, V, d, dtype, compile_naive):
@@ -167,7 +199,8 @@ def summarize(rows):
     print(f"{'device':6} {'dtype':8} {'shape':9} {'V':>7} {'d':>4} {'tokens':>6} {'variant':15} {'peak MB':>9} "
           f"{'seconds':>8} {'mem ratio':>9} {'time ratio':>10}")
     for r in rows:
-        print(f"{r['device']:6} {r['dtype']:8} {r['shape']:9} {r['V']:7d} {r['d']:4d} {r['tokens']:6d} {r['variant']:15} "
+        print(f"{r['device']:6} {r['dtype']:8} {r['shape']:9} {r['V']:7d} {r['d']:4d} {r['tokens']:6d} "
+              f"{r['variant']:15} "
               f"{r['peak_extra_bytes'] / 2**20:9.1f} {r['seconds_median']:8.3f} "
               f"{r.get('mem_ratio', float('nan')):9.3f} {r.get('time_ratio', float('nan')):10.3f}")
 
@@ -178,6 +211,8 @@ def main():
     p.add_argument("--repeat", type=int, default=1, help="timed forward+backward passes per variant (median reported)")
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {list(SHAPES)}")
     p.add_argument("--entropy", action="store_true", help="also compute the entropy and backpropagate through it")
+    p.add_argument("--entropy-cost", action="store_true",
+                   help="fused only: time no entropy / entropy logged, not in the loss / entropy in the loss")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="CUDA: also torch.compile the naive version")
     p.add_argument("--cpu", action="store_true", help="CPU even when CUDA is available")
@@ -188,6 +223,7 @@ def main():
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dim", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--entropy-logged", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         return child(a)
@@ -195,9 +231,14 @@ def main():
         a.tokens, a.repeat = 1024, 1
     cuda = torch.cuda.is_available() and not a.cpu
     rows, notes = [], []
-    for name in a.shapes.split(","):
+    if a.entropy_cost:
+        print(f"entropy cost of the fused kernel, {a.tokens} tokens, median of {a.repeat}:")
+        for name in a.shapes.split(","):
+            rows.append(entropy_cost(a, name, *SHAPES[name], "cuda" if cuda else "cpu"))
+    for name in ([] if a.entropy_cost else a.shapes.split(",")):
         V, d = SHAPES[name]
-        runs = [("cuda", "fp32", torch.float32), ("cuda", "bf16", torch.bfloat16)] if cuda else [("cpu", "fp32", torch.float32)]
+        runs = [("cuda", "fp32", torch.float32), ("cuda", "bf16", torch.bfloat16)] if cuda else \
+            [("cpu", "fp32", torch.float32)]
         for device, dname, dtype in runs:
             need = 3 * a.tokens * V * 4 + 2 * V * d * 4
             avail = mem_available() if device == "cpu" else torch.cuda.mem_get_info()[0]
@@ -217,7 +258,7 @@ def main():
                     row["mem_ratio"] = r["peak_extra_bytes"] / max(base["peak_extra_bytes"], 1)
                     row["time_ratio"] = row["seconds_median"] / statistics.median(base["seconds"])
                 rows.append(row)
-    if rows:
+    if rows and not a.entropy_cost:
         print()
         summarize(rows)
         print("\ngoals: fused/naive peak memory <= 0.15, time <= 1.3")
@@ -225,7 +266,7 @@ def main():
                 processor=platform.processor(), threads=torch.get_num_threads() if not a.threads else a.threads,
                 cpus=os.cpu_count(), cuda=torch.cuda.get_device_name() if cuda else None,
                 time=time.strftime("%Y-%m-%d %H:%M:%S"), args=vars(a), notes=notes)
-    out = Path(a.out)
+    out = RESULTS.with_name("logprobs_entropy.json") if a.entropy_cost and a.out == str(RESULTS) else Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))

@@ -93,3 +93,97 @@ def run_script(module, monkeypatch, tmp_path, *argv):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *argv])
     module.main()
+
+
+# A chat checkpoint: a byte-level BPE learned here from this text, ChatML specials at ids 0-2 (SmolLM2's layout)
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_SYSTEM = "You are a helpful assistant."
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\n" + CHAT_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _chat_corpus():
+    names, items = ["Ann", "Ben", "Cal", "Dan", "Eva", "Fay", "Gus", "Hal"], ["pens", "eggs", "cards", "coins", "books"]
+    lines = [f"{n} has {10 + 7 * i} {it} and gets {20 + 3 * i} more. How many now?" for i, (n, it) in
+             enumerate((n, it) for n in names for it in items)]
+    lines += [f"{n} has {90 - i} {it} and gives away {11 + i}. How many now?"
+              for i, n in enumerate(names) for it in items]
+    lines += ["End with the final answer on its own line as: #### <number>", "30 + 40 + 2 + 5 = 70 + 7 = 77\n#### 77",
+              "90 - 10 + 4 - 1 = 80 + 3 = 83\n#### 83", CHAT_SYSTEM, "system\nuser\nassistant\n"] * 8
+    lines += ["The quick brown fox jumps over the lazy dog while seven wizards quietly judge boxing matches.",
+              "Natalia sold clips to forty of her friends in April, and then she sold half as many in May.",
+              "Weng earns twelve dollars an hour for babysitting; yesterday she worked fifty minutes.",
+              "Please explain your reasoning step by step before writing the final answer clearly."] * 3
+    return "\n".join(lines)
+
+
+def learn_byte_bpe(text, n_merges, first_id=0):
+    """(vocab {token: id}, merges) of a byte-level BPE learned from `text` in plain Python: the 256
+    bytes from first_id on, then one token per merge, the most frequent pair first (ids in merge order)."""
+    import collections
+    import re
+
+    import model as M
+    b2u = M._bytes_to_unicode()
+    vocab = {b2u[b]: first_id + b for b in range(256)}
+    words = collections.Counter(tuple(b2u[b] for b in w.encode("utf-8"))
+                                for w in re.findall(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+", text))
+    merges = []
+    while len(merges) < n_merges:
+        pairs = collections.Counter()
+        for w, n in words.items():
+            for p in zip(w, w[1:]):
+                pairs[p] += n
+        if not pairs:
+            break
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        if a + b not in vocab:  # a token already made by other merges gets no second merge
+            merges.append(f"{a} {b}")
+            vocab[a + b] = first_id + len(vocab)
+        merged = collections.Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == (a, b):
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return vocab, merges
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory):
+    """A small random Llama with a chat tokenizer, in the Hugging Face layout written here (not by
+    model.py's save_files): a byte-level BPE tokenizer.json with a few hundred merges,
+    <|endoftext|> (pad) = 0, <|im_start|> = 1, <|im_end|> (EOS) = 2, and a ChatML template. Its
+    config.json says pad_token_id 2 (= EOS), as SmolLM2's GGUF does: a saved checkpoint must say 0."""
+    import json
+
+    import model as M
+    vocab, merges = learn_byte_bpe(_chat_corpus(), 300, first_id=len(CHAT_SPECIALS))
+    vocab.update((s, i) for i, s in enumerate(CHAT_SPECIALS))
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tj = {"version": "1.0", "truncation": None, "padding": None,
+          "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": True} for i, s in enumerate(CHAT_SPECIALS)],
+          "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+          "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                    "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                    "vocab": dict(sorted(vocab.items(), key=lambda kv: kv[1])), "merges": merges}}
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+          "pad_token": "<|endoftext|>", "add_bos_token": False, "clean_up_tokenization_spaces": False,
+          "chat_template": CHAT_TEMPLATE}
+    path = tmp_path_factory.mktemp("chat") / "chat"
+    cfg = M.tiny_config(n_layer=2, n_embd=64, ffn_dim=128, vocab_size=len(vocab), max_seq_len=320,
+                        bos_token_id=None, eos_token_id=[2], pad_token_id=2)
+    torch.manual_seed(0)
+    M.GPT(cfg).save_pretrained(path)
+    (path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(json.dumps(tc, indent=2), encoding="utf-8")
+    return path

@@ -174,7 +174,8 @@ def _largest_tensors(fn, N, V, d, chunk_size):
 
 def test_no_tokens_by_vocab_tensor_is_allocated():
     N, V, d, chunk = 512, 1000, 64, 32
-    fused = _largest_tensors(lambda h, w, t, c: M.token_logprobs(h, w, t, 0.9, entropy=True, chunk_size=c), N, V, d, chunk)
+    fused = _largest_tensors(lambda h, w, t, c: M.token_logprobs(h, w, t, 0.9, entropy=True, chunk_size=c),
+                             N, V, d, chunk)
     naive = _largest_tensors(lambda h, w, t, c: naive_logprobs(h, w, t, 0.9), N, V, d, chunk)
     # the harness sees (N, V) tensors when they exist, forward and backward
     assert naive.largest["fwd"] >= N * V and naive.largest["bwd"] >= N * V
@@ -298,7 +299,8 @@ def _hf_configs():
                                                                 n_head=4, n_inner=72, attn_implementation="eager")),
         "llama-gqa-untied-llama3": lambda: tr.LlamaForCausalLM(tr.LlamaConfig(
             vocab_size=101, hidden_size=48, intermediate_size=72, num_attention_heads=6, num_key_value_heads=2,
-            tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING), **common)),
+            tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=dict(LLAMA3_SCALING),
+            **common)),
         "llama-tied-headdim": lambda: tr.LlamaForCausalLM(tr.LlamaConfig(
             vocab_size=101, hidden_size=48, intermediate_size=72, num_attention_heads=4, num_key_value_heads=4,
             head_dim=16, tie_word_embeddings=True, rope_theta=500000.0, **common)),
@@ -328,10 +330,11 @@ def test_logits_parity_hf_to_ours(name, tmp_path):
 def _our_configs():
     return {
         "gpt2": M.GPTConfig(arch="gpt2", vocab_size=97, n_layer=2, n_head=4, n_kv_head=4, n_embd=48, ffn_dim=72,
-                            max_seq_len=64, pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=True),
-        "llama-gqa-untied-llama3": M.GPTConfig(arch="llama", vocab_size=101, n_layer=2, n_head=6, n_kv_head=2, n_embd=48,
-                                               ffn_dim=72, max_seq_len=64, tie_embeddings=False, norm_eps=1e-5,
-                                               rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)),
+                            max_seq_len=64, pos="learned", norm="layernorm", mlp="gelu", bias=True,
+                            tie_embeddings=True),
+        "llama-gqa-untied-llama3": M.GPTConfig(arch="llama", vocab_size=101, n_layer=2, n_head=6, n_kv_head=2,
+                                               n_embd=48, ffn_dim=72, max_seq_len=64, tie_embeddings=False,
+                                               norm_eps=1e-5, rope_theta=500000.0, rope_scaling=dict(LLAMA3_SCALING)),
         "llama-headdim": M.GPTConfig(arch="llama", vocab_size=101, n_layer=2, n_head=6, n_kv_head=3, n_embd=48,
                                      head_dim=16, ffn_dim=72, max_seq_len=64, tie_embeddings=True),
         "qwen2-bias-tied": M.GPTConfig(arch="qwen2", vocab_size=103, n_layer=2, n_head=6, n_kv_head=2, n_embd=48,
@@ -354,7 +357,8 @@ def test_logits_parity_ours_to_hf(name, tmp_path):
     idx = _idx(ours.config.vocab_size)
     torch.testing.assert_close(_hf_logits(hf.eval(), idx), _our_logits(ours, idx), atol=2e-5, rtol=1e-5)
     # and back into model.py
-    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _our_logits(ours, idx), atol=0, rtol=0)
+    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _our_logits(ours, idx),
+                               atol=0, rtol=0)
 
 
 def test_sharded_checkpoint_from_transformers(tmp_path):
@@ -364,7 +368,8 @@ def test_sharded_checkpoint_from_transformers(tmp_path):
     assert len(shards) >= 3 and (tmp_path / "model.safetensors.index.json").exists()
     assert not (tmp_path / "model.safetensors").exists()
     idx = _idx(hf.config.vocab_size)
-    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _hf_logits(hf, idx), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _hf_logits(hf, idx),
+                               atol=2e-5, rtol=1e-5)
 
 
 def test_sharded_checkpoint_written_by_hand(tmp_path, tiny_llama):
@@ -379,18 +384,21 @@ def test_sharded_checkpoint_written_by_hand(tmp_path, tiny_llama):
         weight_map.update({n: fname for n in part})
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     idx = _idx(97)
-    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _our_logits(tiny_llama, idx), atol=0, rtol=0)
+    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _our_logits(tiny_llama, idx),
+                               atol=0, rtol=0)
 
 
 def test_gpt2_checkpoint_without_transformer_prefix(tmp_path):
     """The original GPT-2 checkpoints name tensors h.0.attn... without "transformer."."""
     hf = randomize_(_hf_configs()["gpt2"](), seed=31).eval()
     hf.save_pretrained(tmp_path)
-    ts = {k.removeprefix("transformer."): v.clone() for k, v in M.read_safetensors(tmp_path / "model.safetensors").items()}
+    ts = {k.removeprefix("transformer."): v.clone()
+          for k, v in M.read_safetensors(tmp_path / "model.safetensors").items()}
     assert "h.0.attn.c_attn.weight" in ts
     M.write_safetensors(tmp_path / "model.safetensors", ts)
     idx = _idx(97)
-    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _hf_logits(hf, idx), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _hf_logits(hf, idx),
+                               atol=2e-5, rtol=1e-5)
 
 
 def test_hf_config_fields_round_trip(tmp_path):
@@ -403,8 +411,8 @@ def test_hf_config_fields_round_trip(tmp_path):
     assert c["architectures"] == ["Qwen2ForCausalLM"] and c["eos_token_id"] == 101 and c["pad_token_id"] == 102
     assert c["bos_token_id"] == 100 and c["tie_word_embeddings"] is False and c["num_key_value_heads"] == 2
     back = M.GPT.from_pretrained(tmp_path).config
-    for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "ffn_dim", "max_seq_len", "qkv_bias",
-              "tie_embeddings", "norm_eps", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id"):
+    for k in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "head_dim", "ffn_dim", "max_seq_len",
+              "qkv_bias", "tie_embeddings", "norm_eps", "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(back, k) == getattr(cfg, k), k
 
 
@@ -540,7 +548,8 @@ def test_error_missing_config_and_weights_and_shard(tmp_path, saved_llama):
     with pytest.raises(FileNotFoundError, match=r"ckpt: no model\.safetensors"):
         M.GPT.from_pretrained(saved_llama)
     (saved_llama / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-1.safetensors"}}))
-    with pytest.raises(FileNotFoundError, match=r"model-1\.safetensors: shard listed in model\.safetensors\.index\.json"):
+    with pytest.raises(FileNotFoundError, match=r"model-1\.safetensors: shard listed in "
+                                                r"model\.safetensors\.index\.json"):
         M.GPT.from_pretrained(saved_llama)
 
 
@@ -617,9 +626,12 @@ def _hf_layout_weights(arch, tied, seed):
         w["lm_head.weight"] = r(D["V"], D["d"])
     for i in range(D["n_layer"]):
         p = f"model.layers.{i}."
-        w |= {p + "input_layernorm.weight": 1 + 0.5 * r(D["d"]), p + "post_attention_layernorm.weight": 1 + 0.5 * r(D["d"]),
-              p + "self_attn.q_proj.weight": r(D["n_head"] * hd, D["d"]), p + "self_attn.k_proj.weight": r(D["n_kv"] * hd, D["d"]),
-              p + "self_attn.v_proj.weight": r(D["n_kv"] * hd, D["d"]), p + "self_attn.o_proj.weight": r(D["d"], D["n_head"] * hd),
+        w |= {p + "input_layernorm.weight": 1 + 0.5 * r(D["d"]),
+              p + "post_attention_layernorm.weight": 1 + 0.5 * r(D["d"]),
+              p + "self_attn.q_proj.weight": r(D["n_head"] * hd, D["d"]),
+              p + "self_attn.k_proj.weight": r(D["n_kv"] * hd, D["d"]),
+              p + "self_attn.v_proj.weight": r(D["n_kv"] * hd, D["d"]),
+              p + "self_attn.o_proj.weight": r(D["d"], D["n_head"] * hd),
               p + "mlp.gate_proj.weight": r(D["ffn"], D["d"]), p + "mlp.up_proj.weight": r(D["ffn"], D["d"]),
               p + "mlp.down_proj.weight": r(D["d"], D["ffn"])}
         if arch == "qwen2":
@@ -656,8 +668,8 @@ def _add_gguf_tokenizer(writer, tk):
     writer.add_chat_template(tk["chat_template"])
 
 
-def write_tiny_gguf(path, arch="llama", tied=False, types=None, seed=0, tokenizer=None, rope_freqs=None, rope_theta=10000.0,
-                    weights=None, override_type=None):
+def write_tiny_gguf(path, arch="llama", tied=False, types=None, seed=0, tokenizer=None, rope_freqs=None,
+                    rope_theta=10000.0, weights=None, override_type=None):
     """Write a random tiny llama/qwen2 GGUF as llama.cpp's converter would (q/k permuted for llama).
     Returns {gguf tensor name: float32 values as stored (dequantized with gguf.quants)} in HF row order
     and the HF-layout weights of those values (q/k un-permuted)."""
@@ -820,12 +832,14 @@ def test_error_unsupported_gguf_quantization(tmp_path, monkeypatch):
     assert struct.unpack_from("<I", data, type_at)[0] == 0  # F32
     struct.pack_into("<I", data, type_at, 9)  # Q8_1: 36 bytes per 32 values, fewer than F32's 128
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"q81\.gguf: tensor blk\.0\.ffn_up\.weight: quantization Q8_1 is not supported"):
+    with pytest.raises(ValueError, match=r"q81\.gguf: tensor blk\.0\.ffn_up\.weight: "
+                                         r"quantization Q8_1 is not supported"):
         M.GPT.from_pretrained(path)
     # without the gguf package: the message says so
     monkeypatch.setitem(sys.modules, "gguf", None)
     monkeypatch.setitem(sys.modules, "gguf.quants", None)
-    with pytest.raises(ValueError, match=r"ffn_up\.weight: quantization Q8_1 is not supported by model\.py; `pip install gguf`"):
+    with pytest.raises(ValueError, match=r"ffn_up\.weight: quantization Q8_1 is not supported by model\.py; "
+                                         r"`pip install gguf`"):
         M.GPT.from_pretrained(path)
 
 
@@ -932,11 +946,13 @@ def _pre_tokenizer(variant):
     if variant == "gpt2":
         return None, pt.ByteLevel(add_prefix_space=False)
     if variant == "digits":
-        return None, pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
+        return None, pt.Sequence([pt.Digits(individual_digits=True),
+                                  pt.ByteLevel(add_prefix_space=False, use_regex=True)])
     # Llama 3: no normalizer; Qwen2: NFC; llama3-nfc: the Llama-3 split with NFC
     pattern = M.QWEN2_PATTERN if variant == "qwen2" else M.LLAMA3_PATTERN
-    return None if variant == "llama3" else normalizers.NFC(), pt.Sequence([pt.Split(Regex(pattern), behavior="isolated", invert=False),
-                                           pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return None if variant == "llama3" else normalizers.NFC(), \
+        pt.Sequence([pt.Split(Regex(pattern), behavior="isolated", invert=False),
+                     pt.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
@@ -1019,7 +1035,8 @@ def test_tokenizer_save_files_round_trip(tmp_path, variant):
     b = M.Tokenizer.from_dir(out)
     for s in _tricky_strings():
         assert a.encode(s) == b.encode(s), repr(s)
-    assert (a.eos_id, a.pad_id, a.bos_id, a.chat, a.system, a.stop_ids) == (b.eos_id, b.pad_id, b.bos_id, b.chat, b.system, b.stop_ids)
+    assert (a.eos_id, a.pad_id, a.bos_id, a.chat, a.system, a.stop_ids) == \
+        (b.eos_id, b.pad_id, b.bos_id, b.chat, b.system, b.stop_ids)
     assert a.chat_prompt("What is 2+2?") == b.chat_prompt("What is 2+2?")
 
 
@@ -1041,7 +1058,8 @@ def test_chat_prompt_chatml_matches_transformers(tmp_path, newline):
     template = CHATML_TEMPLATE if newline == "escaped" else CHATML_TEMPLATE.replace("\\n", "\n")
     d = write_tokenizer_dir(tmp_path / "tok", "digits", template=template)
     ours = M.Tokenizer.from_dir(d)
-    assert ours.chat == "chatml" and ours.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert ours.chat == "chatml" and \
+        ours.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     hf = tr.AutoTokenizer.from_pretrained(d)
 
     def hf_ids(messages):
@@ -1057,7 +1075,8 @@ def test_chat_prompt_chatml_matches_transformers(tmp_path, newline):
 
 def test_chat_prompt_llama3_matches_transformers(tmp_path):
     tr = pytest.importorskip("transformers")
-    d = write_tokenizer_dir(tmp_path / "tok", "llama3", template=LLAMA3_TEMPLATE, eos="<|endoftext|>", pad=None, bos="<|begin_of_text|>")
+    d = write_tokenizer_dir(tmp_path / "tok", "llama3", template=LLAMA3_TEMPLATE, eos="<|endoftext|>", pad=None,
+                            bos="<|begin_of_text|>")
     ours = M.Tokenizer.from_dir(d)
     assert ours.chat == "llama3" and ours.eos_id == ours.special["<|eot_id|>"]
     hf = tr.AutoTokenizer.from_pretrained(d)
@@ -1080,7 +1099,8 @@ def test_tokenizer_eos_and_pad_distinct(tmp_path):
 def test_byte_level_tokenizer_round_trips_unicode():
     tok = M.Tokenizer.byte_level()
     rng = random.Random(1)
-    ranges = [(0x20, 0x7E), (0x0A, 0x0D), (0xA0, 0x24F), (0x370, 0x3FF), (0x4E00, 0x4FFF), (0x1F300, 0x1F64F), (0x10000, 0x10FFF)]
+    ranges = [(0x20, 0x7E), (0x0A, 0x0D), (0xA0, 0x24F), (0x370, 0x3FF), (0x4E00, 0x4FFF), (0x1F300, 0x1F64F),
+              (0x10000, 0x10FFF)]
     for _ in range(100):
         s = "".join(chr(rng.randint(*rng.choice(ranges))) for _ in range(rng.randint(0, 40)))
         ids = tok.encode(s)
@@ -1186,7 +1206,8 @@ def test_smollm2_tokenizer_matches_on_gsm8k(smollm2_gguf, smollm2_hf_tokenizer, 
         row = json.loads(line)
         texts += [row["question"], row["answer"]]
     texts += [s for s in _tricky_strings() if "<|" not in s]
-    mismatches = [t for t, r in zip(texts, ref.encode_batch(texts, add_special_tokens=False)) if ours.encode(t) != r.ids]
+    mismatches = [t for t, r in zip(texts, ref.encode_batch(texts, add_special_tokens=False))
+                  if ours.encode(t) != r.ids]
     assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[:3]!r}"
     assert ours.chat == "chatml" and ours.eos_id == 2 and ours.pad_id not in (2, None)
     # the chat prompt as transformers renders SmolLM2's template
@@ -1312,7 +1333,8 @@ def test_hub_missing_weights_is_a_clear_error(hub, tiny_llama):
     d = hub.root / "org" / "noweights"
     tiny_llama.save_pretrained(d)
     (d / "model.safetensors").unlink()
-    with pytest.raises(OSError, match=r"org/noweights: cannot download .*/org/noweights/resolve/main/model\.safetensors: HTTP 404"):
+    with pytest.raises(OSError, match=r"org/noweights: cannot download "
+                                      r".*/org/noweights/resolve/main/model\.safetensors: HTTP 404"):
         M.GPT.from_pretrained("org/noweights")
     with pytest.raises(OSError, match=r"org/missing: cannot download .*config\.json: HTTP 404"):
         M.GPT.from_pretrained("org/missing")
@@ -1395,7 +1417,8 @@ def test_generate_samples_from_the_right_distribution(tiny_llama):
     obs = torch.bincount(out, minlength=p.numel()).double()
     exp = n * p
     big = exp >= 5
-    chi2 = float((((obs[big] - exp[big]) ** 2) / exp[big]).sum() + (obs[~big].sum() - exp[~big].sum()) ** 2 / max(exp[~big].sum(), 1))
+    chi2 = float((((obs[big] - exp[big]) ** 2) / exp[big]).sum()
+                 + (obs[~big].sum() - exp[~big].sum()) ** 2 / max(exp[~big].sum(), 1))
     df = int(big.sum())
     assert chi2 < df + 6 * math.sqrt(2 * df) + 10, (chi2, df)
     # top-k: only the k most likely tokens
@@ -1449,7 +1472,8 @@ def test_save_pretrained_is_atomic(tmp_path, tiny_llama, monkeypatch, fail_in):
     elif fail_in == "torch.save":
         monkeypatch.setattr(torch, "save", boom)
     else:
-        monkeypatch.setattr(M.Tokenizer, "save_files", lambda self: {"tokenizer.json": "{}", "tokenizer_config.json": object()})
+        monkeypatch.setattr(M.Tokenizer, "save_files",
+                            lambda self: {"tokenizer.json": "{}", "tokenizer_config.json": object()})
     with pytest.raises((OSError, TypeError)):
         other.save_pretrained(d, tokenizer=tok, state={"step": 2})
     assert _snapshot(d) == before  # the earlier checkpoint is untouched, and nothing else is there
@@ -1467,7 +1491,8 @@ def test_save_pretrained_over_a_sharded_checkpoint(tmp_path):
     randomize_(ours, seed=33)  # "fine-tuned"
     ours.save_pretrained(tmp_path)
     idx = _idx(97)
-    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _our_logits(ours, idx), atol=0, rtol=0)
+    torch.testing.assert_close(_our_logits(M.GPT.from_pretrained(tmp_path), idx), _our_logits(ours, idx),
+                               atol=0, rtol=0)
 
 
 def test_save_pretrained_state_round_trip(tmp_path, tiny_llama):
