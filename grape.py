@@ -65,8 +65,11 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import fcntl
 import gzip
+import hashlib
 import http.client
+import importlib
 import inspect
 import json
 import math
@@ -76,6 +79,7 @@ import re
 import time
 import typing
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -131,6 +135,15 @@ class Args:
     """checkpoint every this many steps (and at the end)"""
     resume: bool = False
     """continue runs/<run-name> from its last checkpoint"""
+    grad_checkpoint: bool = False
+    """recompute each transformer block's activations in the backward: less memory, about a third more compute"""
+    compile: bool = False
+    """torch.compile the model (CUDA only; the first steps are slow while it compiles)"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2)"""
+    track: Literal["none", "tensorboard", "wandb"] = "none"
+    """mirror runs/<run-name>/metrics.jsonl to tensorboard (event files in the run dir) or wandb (offline unless
+    WANDB_MODE says otherwise)"""
     # GRPO
     group_size: int = 8
     """G: completions sampled per prompt"""
@@ -392,8 +405,8 @@ def judge_local(model, tok, asks, micro_batch_size, amp):
 
 
 def parse_verdict(content):
-    """A critic's reply -> (score, confidence, reason), numbers clamped to [0, 1] (code fences and text
-    around the JSON object are ignored); ValueError when there is no such object."""
+    """A critic's reply -> (score, confidence, reason), both numbers in [0, 1] (code fences and text around
+    the JSON object are ignored); ValueError when there is no such object or a number is out of range."""
     found = re.search(r"\{.*\}", content, flags=re.S)
     try:
         obj = json.loads(found.group(0) if found else content)
@@ -403,20 +416,27 @@ def parse_verdict(content):
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"no JSON object with a finite score and confidence ({type(e).__name__}) "
                          f"in {content[:100]!r}") from None
-    return min(max(score, 0.0), 1.0), min(max(confidence, 0.0), 1.0), str(obj.get("reason", ""))
+    if not (0 <= score <= 1 and 0 <= confidence <= 1):
+        raise ValueError(f"score {score} and confidence {confidence} must be in [0, 1], in {content[:100]!r}")
+    return score, confidence, str(obj.get("reason", ""))
 
 
 def ask_critic(url, name, key, ask, retries, timeout, backoff=1.0):
-    """One judged item over HTTP (OpenAI chat completions) -> (score, confidence, reason). An HTTP error,
-    no reply within `timeout` or a malformed one: wait backoff · 2^try and ask again; after `retries`
-    tries, one SystemExit naming the URL and what went wrong."""
+    """One judged item over HTTP (OpenAI chat completions) -> (score, confidence, reason). An HTTP error, no
+    whole reply within `timeout` seconds (a deadline for the request, not per read) or a malformed one: wait
+    backoff · 2^try and ask again; after `retries` tries, one SystemExit naming the URL and what went wrong."""
     body = json.dumps({"model": name, "temperature": 0, "messages": [
         {"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": JUDGE_TEXT.format(*ask)}]}).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     for attempt in range(retries):
         try:
+            deadline, reply = time.monotonic() + timeout, b""
             with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as r:
-                return parse_verdict(json.loads(r.read())["choices"][0]["message"]["content"])
+                while block := r.read1(1 << 16):
+                    reply += block
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the reply took over {timeout:g} s")
+            return parse_verdict(json.loads(reply)["choices"][0]["message"]["content"])
         except urllib.error.HTTPError as e:
             why = f"HTTP {e.code} {e.reason}"
         except (OSError, http.client.HTTPException) as e:  # refused, unreachable, timed out, cut off
@@ -426,6 +446,9 @@ def ask_critic(url, name, key, ask, retries, timeout, backoff=1.0):
         if attempt + 1 < retries:
             time.sleep(backoff * 2 ** attempt)
     raise SystemExit(f"error: --judge-url {url}: {why} after {retries} tries")
+
+
+JUDGE_PROBE = ("1 + 1 = ?", "1 + 1 = 2\n#### 2", "Is the answer right? Answer yes or no.")  # asked once at start
 
 
 def judge_http(asks, url, name, key, retries, timeout, workers, backoff=1.0):
@@ -444,7 +467,10 @@ def make_judge(args, items, ref, tok, device, amp):
         if not args.judge_name:
             raise SystemExit("error: --judge-url needs --judge-name (the model the server serves)")
         url = args.judge_url.rstrip("/").removesuffix("/chat/completions") + "/chat/completions"
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https") or not urllib.parse.urlsplit(url).netloc:
+            raise SystemExit(f"error: --judge-url {args.judge_url}: not an http:// or https:// URL")
         key = os.environ.get(args.judge_key_env)
+        ask_critic(url, args.judge_name, key, JUDGE_PROBE, args.judge_retries, args.judge_timeout)  # reachable?
         return lambda asks: judge_http(asks, url, args.judge_name, key, args.judge_retries, args.judge_timeout,
                                        args.judge_workers)
     critic, ctok = load_model(args.judge_model, device, args.seed) if args.judge_model else \
@@ -469,19 +495,24 @@ def evaluate_rubric(model, tok, examples, args, amp, items):
 
 def main():
     args = parse_args()
+    if args.fsdp:
+        raise SystemExit("error: --fsdp: not in grape.py yet (sft.py, grpo.py and reinforce.py have it)")
     rank, world, device = setup(args)
-    run_dir, start, state = start_run(args, rank)
+    run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
     ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
+    policy, ref = prepare(policy, args), prepare(ref, args, trained=False)
     amp = autocast(device)
     train, evals = load_task(args)
     tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
     tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
     opt = make_optimizer(policy, args, state)
     per_rank = args.batch_size // world
-    if per_rank * world != args.batch_size or args.group_size < 2 or args.mu < 1:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; "
-                         "--group-size >= 2; --mu >= 1")
+    if per_rank * world != args.batch_size or args.group_size < 2:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; --group-size >= 2")
+    if args.kl_estimator == "k1" and args.kl_in == "loss" and args.beta > 0:
+        raise SystemExit("error: --kl-estimator k1 --kl-in loss: the k1 penalty's expected gradient is zero (it only "
+                         "adds noise); use k3 or k2 in the loss, or k1 with --kl-in reward")
     if args.per_item_advantages and args.kl_in == "reward":
         raise SystemExit("error: --per-item-advantages needs --kl-in loss (the KL has no item to join)")
     items = load_rubric(args.rubric)
@@ -505,11 +536,14 @@ def main():
         t_judge = time.time() - t0 - t_gen
         batch = collate(seqs, masks, tok.pad_id, device)
         mask, n_seqs = batch[2], args.batch_size * args.group_size
-        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp)  # log π_old: the policy that sampled
-        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp) if ref is not None else old_logp
-        kl_seq = ((old_logp - ref_logp) * mask).sum(1)  # Σ_t k1 = Σ_t log π/π_ref per sequence, logged
+        # log π_old, of the policy that sampled: the first update's own forward (π_θ is π_old until its step),
+        # unless the KL goes into the reward, which needs it before the advantages
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature) \
+            if args.kl_in == "reward" else torch.zeros(mask.shape, device=device)
+        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \
+            if ref is not None else None
         shaped = rewards.to(device)
-        if args.kl_in == "reward":  # the reward with the KL penalty folded in
+        if ref is not None and args.kl_in == "reward":  # the reward with the KL penalty folded in
             shaped = shaped - args.beta * (kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask).sum(1)
         s_sum, s_sq = all_sum(shaped.sum().item(), (shaped ** 2).sum().item())
         batch_std = math.sqrt(max(s_sq - s_sum ** 2 / n_seqs, 0.0) / (n_seqs - 1))  # over every rank
@@ -521,13 +555,15 @@ def main():
             mask = mask * ended.to(device)[:, None]
         n_kept, n_tok = all_sum((mask.sum(1) > 0).sum().item(), mask.sum().item())
         loss_sum, totals = 0.0, np.zeros(4)  # entropy, clipped below, clipped above, grad norm: over the μ updates
-        for _ in range(args.mu):
+        for update in range(args.mu):
             update_loss = 0.0
             for i in range(0, len(seqs), args.micro_batch_size):
                 sl = slice(i, i + args.micro_batch_size)
                 ids, targets, m = batch[0][sl], batch[1][sl], mask[sl]
                 with amp:
-                    logp, ent = policy(ids, targets, mask=m, entropy=True)
+                    logp, ent = policy(ids, targets, mask=m, temperature=args.temperature, entropy=True)
+                    if update == 0 and args.kl_in == "loss":
+                        old_logp[sl] = logp.detach().float()
                     per_token, low, high = clipped_surrogate(logp, old_logp[sl], adv[sl], args.clip_low, args.clip_high)
                     if ref is not None and args.kl_in == "loss":
                         per_token = per_token + args.beta * kl_estimate(logp, ref_logp[sl], args.kl_estimator)
@@ -537,6 +573,7 @@ def main():
                 totals[:3] += [(ent.detach() * m).sum().item(), (low * m).sum().item(), (high * m).sum().item()]
             update_loss, grad_norm = optimizer_step(policy, opt, args, update_loss, step, run_dir)
             loss_sum, totals[3] = loss_sum + update_loss, totals[3] + grad_norm
+        kl_seq = ((old_logp - ref_logp) * batch[2]).sum(1) if ref is not None else torch.zeros(1)  # Σ_t k1, logged
         ent_sum, low_sum, high_sum, kl_sum, n_equal = all_sum(*totals[:3], kl_seq.sum().item(), sum(
             bool((g == g[0]).all()) for g in rewards.view(-1, args.group_size)))
         n_all = args.mu * max(n_tok, 1)  # tokens in the loss, over the μ updates
@@ -553,7 +590,7 @@ def main():
                             f"rubric/{it['name']}/confidence": (conf_sum[k] / count[k]).item()}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             metrics |= evaluate_rubric(policy, tok, evals, args, amp, items)
-        end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt.state_dict()})
+        end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt})
     finish(args, run_dir, rank, evaluate_rubric(policy, tok, evals, args, amp, items))
 
 
@@ -594,31 +631,69 @@ def arith_split(n_train, n_eval, seed):
     return train, evals
 
 
+def download(url):
+    """The local copy of a data URL: ~/.cache/post-training/<hash of the whole URL>-<file name>, fetched once.
+    Only a complete download of an HTTP 200 reply that is not an HTML page is kept."""
+    name = hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + re.sub(r"[^\w.-]", "_", url.rsplit("/", 1)[-1])[-60:]
+    cache = Path.home() / ".cache" / "post-training" / name
+    if cache.exists():
+        return cache
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    part = cache.with_name(f".{cache.name}.part{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as reply, open(part, "wb") as f:
+            if "html" in reply.headers.get("Content-Type", ""):
+                raise ValueError("the server sent an HTML page, not data")
+            size = reply.headers.get("Content-Length")
+            while block := reply.read(1 << 20):
+                f.write(block)
+        if size is not None and part.stat().st_size != int(size):
+            raise ValueError(f"incomplete: {part.stat().st_size} of {size} bytes")
+        os.replace(part, cache)
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        part.unlink(missing_ok=True)
+        raise SystemExit(f"error: {url}: download failed ({e})") from None
+    return cache
+
+
 def read_jsonl(path, fields):
-    """Records of a .jsonl (or .jsonl.gz) file or URL; a bad line is an error naming the file and line."""
+    """Records of a .jsonl (or .jsonl.gz) file or URL, each with "where" = "<file>:<line>"; a bad line is an
+    error naming the file and line."""
     if str(path).startswith(("http://", "https://")):
-        cache = Path.home() / ".cache" / "post-training" / re.sub(r"[^\w.-]", "_", str(path))
-        if not cache.exists():
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            urllib.request.urlretrieve(str(path), cache.with_suffix(".part"))
-            os.replace(cache.with_suffix(".part"), cache)
-        path = cache
-    if not Path(path).exists():
-        raise SystemExit(f"error: {path}: no such data file")
+        path = download(str(path))
+    if not Path(path).is_file():
+        raise SystemExit(f"error: {path}: " + ("a directory, not a data file" if Path(path).is_dir()
+                                               else "no such data file"))
     rows = []
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"error: {path}:{i}: not valid JSON ({e.msg})") from None
-            missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-            if missing:
-                raise SystemExit(f"error: {path}:{i}: missing or non-string field {missing[0]!r} (expected {fields})")
-            rows.append(row)
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"error: {path}:{i}: not valid JSON ({e.msg})") from None
+                missing = [k for k in fields if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+                if missing:
+                    raise SystemExit(f"error: {path}:{i}: missing or non-string field {missing[0]!r} "
+                                     f"(expected {fields})")
+                rows.append(row | {"where": f"{path}:{i}"})
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise SystemExit(f"error: {path}: cannot read it ({e})") from None
+    if not rows:
+        raise SystemExit(f"error: {path}: no records (the file is empty or has only blank lines)")
     return rows
+
+
+def split_off(rows, n_eval, path):
+    """(train, eval): the last n_eval records held out; an error when that leaves nothing to train on."""
+    if len(rows) <= n_eval:
+        raise SystemExit(f"error: {path}: {len(rows)} records, and --eval-size {n_eval} holds out the last "
+                         f"{n_eval}: nothing is left to train on")
+    return rows[:-n_eval], rows[-n_eval:]
 
 
 def load_task(args):
@@ -629,16 +704,19 @@ def load_task(args):
         default = Path(__file__).resolve().parent.parent / "shared" / "data" / "gsm8k"
         root = (args.data_path or str(default)).rstrip("/")
         splits = [read_jsonl(f"{root}/{name}.jsonl", ["question", "answer"]) for name in ("train", "test")]
+        for r in splits[0] + splits[1]:
+            if final_answer(r["answer"]) is None:
+                raise SystemExit(f"error: {r['where']}: the answer has no final '#### <number>' line")
         clean = lambda a: re.sub(r"<<[^>]*>>", "", a).strip()  # drop the calculator annotations
         ex = lambda r: {"prompt": r["question"], "completion": clean(r["answer"]),
-                        "answer": final_answer(r["answer"]) or ""}
+                        "answer": final_answer(r["answer"]), "where": r["where"]}
         return [ex(r) for r in splits[0]], [ex(r) for r in splits[1]][:args.eval_size]
     if args.task == "jsonl":
         if not args.data_path:
             raise SystemExit('error: --task jsonl needs --data-path (a file or URL of {"prompt", "completion"} lines)')
         rows = [{**r, "answer": final_answer(r["completion"]) or r["completion"].strip()}
                 for r in read_jsonl(args.data_path, ["prompt", "completion"])]
-        return rows[:-args.eval_size], rows[-args.eval_size:]
+        return split_off(rows, args.eval_size, args.data_path)
     raise SystemExit(f"error: --task {args.task}: not a task of load_task (arith, gsm8k, jsonl)")
 
 
@@ -676,7 +754,8 @@ def tokenize(examples, tok, max_len, max_new_tokens, where):
         ex["completion_ids"] = tok.encode(ex["completion"]) + [tok.eos_id]
         need = len(ex["prompt_ids"]) + max(max_new_tokens, len(ex["completion_ids"]))
         if need > max_len:
-            raise SystemExit(f"error: {where} example {i}: prompt of {len(ex['prompt_ids'])} tokens + up to "
+            raise SystemExit(f"error: {ex.get('where', f'{where} example {i + 1}')}: prompt of "
+                             f"{len(ex['prompt_ids'])} tokens + up to "
                              f"{need - len(ex['prompt_ids'])} completion tokens exceeds the model's context "
                              f"of {max_len}")
     return examples
@@ -687,9 +766,26 @@ def tokenize(examples, tok, max_len, max_new_tokens, where):
 # evaluation, logging and checkpoints
 
 
+RULES = {  # what each numeric flag must be, checked before any work (a script checks the flags it has)
+    **dict.fromkeys(["train_size", "eval_size", "steps", "batch_size", "micro_batch_size", "max_new_tokens",
+                     "save_every", "group_size", "mu", "prompts_per_round", "mini_batches", "kl_horizon",
+                     "cg_iters", "fvp_subsample", "line_search_steps", "pairs_per_prompt", "judge_retries",
+                     "judge_workers"], (lambda v: v >= 1, ">= 1")),
+    **dict.fromkeys(["seed", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "beta", "kl_target",
+                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty"], (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
+                    (lambda v: v > 0, "> 0")),
+    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
+    "temperature": (lambda v: v > 0 or v == 0 and "sequence_logprobs" not in globals(), "> 0"),
+    **dict.fromkeys(["top_p", "ema_decay", "gamma", "lam"], (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    **dict.fromkeys(["clip_low", "label_smoothing"], (lambda v: 0 <= v < 0.5, "in [0, 0.5)")),
+    "clip_high": (lambda v: v >= 0, ">= 0"),
+}
+
+
 def parse_args(cls=Args):
     """The dataclass as a command line: one --kebab-case flag per field, the docstring under it as help;
-    a Literal field accepts only its values."""
+    a Literal field accepts only its values, a number must be finite and pass its RULES."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {a.target.id: b.value.value for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
@@ -704,15 +800,27 @@ def parse_args(cls=Args):
         default = f" (default: {f.default})" if f.default not in ("", None) and f.type is not bool else ""
         parser.add_argument("--" + f.name.replace("_", "-"), default=f.default,
                             help=(" ".join(docs.get(f.name, "").split()) + default).replace("%", "%%"), **kind)
-    return cls(**vars(parser.parse_args()))
+    args = cls(**vars(parser.parse_args()))
+    for f in dataclasses.fields(cls):
+        v, (test, what) = getattr(args, f.name), RULES.get(f.name, (lambda v: True, ""))
+        if f.type in (int, float) and not (math.isfinite(v) and test(v)):
+            parser.error(f"--{f.name.replace('_', '-')} {v}: must be {what or 'a finite number'}")
+    if args.top_p == 0 if hasattr(args, "top_p") else False:
+        parser.error("--top-p 0 keeps no token: use a value in (0, 1]")
+    return args
 
 
 def setup(args):
     """(rank, world, device); under torchrun one process per device, gloo on CPU and NCCL on GPU."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is available (use --device cpu or auto)")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if world > 1:
+    if args.fsdp and "LOCAL_RANK" not in os.environ:
+        raise SystemExit(f"error: --fsdp shards the model over the processes of torchrun: run torchrun "
+                         f"--nproc_per_node=<devices> {Path(__file__).name} --fsdp")
+    if world > 1 or args.fsdp:
         dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(device)
@@ -736,8 +844,9 @@ def all_sum(*values):
 
 def sync_grads(model):
     """Sum gradients over ranks with one all-reduce of a flat buffer (the losses are already divided
-    by their global normaliser, so the sum is the gradient of the whole batch)."""
-    if not dist.is_initialized():
+    by their global normaliser, so the sum is the gradient of the whole batch). Under --fsdp the backward
+    has already summed them (a reduce-scatter: each rank holds the sum of its shard)."""
+    if not dist.is_initialized() or is_sharded(model):
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -754,10 +863,59 @@ def load_model(name, device, seed):
         return GPT(tiny_config()).to(device), Tokenizer.byte_level()
     if name == "runs/sft" and not Path(name).exists():
         raise SystemExit("error: runs/sft not found: run `python sft.py` first, or pass --model")
+    if name.startswith("runs/") and not Path(name).exists():
+        raise SystemExit(f"error: {name}: no such checkpoint directory")
     try:
         return GPT.from_pretrained(name).to(device), Tokenizer.from_pretrained(name)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: cannot load {name}: {e}") from None
+
+
+def prepare(model, args, trained=True):
+    """The model as the flags run it: --grad-checkpoint (a trained model), --compile (CUDA), --fsdp (under
+    torchrun: each transformer block one unit of sharded parameters, gradients and optimizer state; the rest,
+    the tied embedding and head among it, the root unit; gradients summed over ranks, as sync_grads does)."""
+    if model is None:  # no reference model (--beta 0)
+        return None
+    for gpt in [m for m in model.modules() if isinstance(m, GPT)]:  # the model, or a critic's body
+        gpt.grad_checkpoint = trained and args.grad_checkpoint
+        try:
+            gpt.use_compile() if args.compile else None
+        except ValueError as e:  # not on CUDA
+            raise SystemExit(f"error: {e}") from None
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard  # imported when used: it takes seconds
+        units = [block for gpt in model.modules() if isinstance(gpt, GPT) for block in gpt.transformer.h]
+        units = [fully_shard(m, reshard_after_forward=True) for m in units + [model]]
+        for unit in units:
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no pre-multiplied sum)
+        with torch.no_grad():  # FSDP takes the module its first forward enters as the root: make it the root
+            model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+    return model
+
+
+def is_sharded(model):
+    return hasattr(model, "unshard")  # fully_shard (--fsdp) makes the model an FSDPModule
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under --fsdp, every rank holds the whole model inside the block: one all-gather per unit, not one
+    per generated token, and no collective while generating, so ranks may sample different lengths."""
+    if not is_sharded(model):
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    units = [m for m in model.modules() if is_sharded(m)]
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(True)
 
 
 def collate(seqs, loss_masks, pad_id, device):
@@ -774,7 +932,10 @@ def make_optimizer(model, args, state=None, key="optimizer"):
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    if state is not None:
+    if state is not None and is_sharded(model):  # saved whole, keyed by parameter name: each rank takes its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state[key], options=StateDictOptions(full_state_dict=True))
+    elif state is not None:
         opt.load_state_dict(state[key])
     return opt
 
@@ -794,21 +955,29 @@ def set_lr(opt, step, args):
 
 
 def optimizer_step(model, opt, args, loss_sum, step, run_dir):
-    """After the backward passes: sum the gradients over ranks, stop on a non-finite loss, clip the
-    gradient norm, step and zero. Returns (the loss summed over ranks, the gradient norm)."""
+    """After the backward passes: sum the gradients over ranks, clip the gradient norm, step and zero;
+    stop without saving when the loss, the gradient or the new weights are not finite. Returns (the loss
+    summed over ranks, the gradient norm)."""
     sync_grads(model)
     (loss_sum,) = all_sum(loss_sum)
-    check_finite(loss_sum, step, run_dir)
+    check_finite(loss_sum, "the loss", step, run_dir)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf")).item()
+    check_finite(grad_norm, "the gradient norm", step, run_dir)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    check_finite(torch.stack([p.detach().float().abs().sum() for p in model.parameters()]).sum().item(),
+                 "the sum of the weights' magnitudes", step, run_dir)
     return loss_sum, grad_norm
 
 
-def check_finite(loss, step, run_dir):
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: step {step}: the loss is {loss}; stopping without saving "
-                         f"(the last checkpoint in {run_dir} is intact). Try a lower --lr.")
+def check_finite(value, what, step, run_dir):
+    """Stop before anything non-finite reaches a checkpoint: the last one on disk (if any) stays as it is."""
+    if not math.isfinite(value):
+        state = run_dir / "trainer_state.pt"
+        last = (f"the last checkpoint in {run_dir}, of step {torch.load(state, weights_only=True)['step']}, "
+                "is intact" if state.exists() else f"no checkpoint in {run_dir}")
+        raise SystemExit(f"error: step {step + 1}: {what} is {value}; stopping without saving ({last}). "
+                         "Try a lower --lr.")
 
 
 def batch_indices(step, batch_size, n, seed):
@@ -829,7 +998,7 @@ def eval_completions(model, tok, examples, args, amp):
     mine, out = examples[rank::world], []
     for i in range(0, len(mine), 256):
         batch = mine[i:i + 256]
-        with amp:
+        with amp, gathered(model):
             ids, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
                                        eos_id=tok.stop_ids, pad_id=tok.pad_id)
         out += [(ex, tok.decode(o[:n])) for ex, o, n in zip(batch, ids.tolist(), mask.sum(1).tolist())]
@@ -852,33 +1021,131 @@ def evaluate(model, tok, examples, args, amp):
     return eval_metrics(eval_completions(model, tok, examples, args, amp), len(examples))
 
 
-def start_run(args, rank):
-    """(run_dir, first step, trainer state or None): runs/<name>/ with args.json; on --resume the state of
-    its last checkpoint, and the metrics logged after that checkpoint are dropped."""
-    run_dir, step, state = Path("runs") / (args.run_name or Path(__file__).stem), 0, None
-    if args.resume:
-        if not (run_dir / "trainer_state.pt").exists():
-            raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+MAY_CHANGE = {"steps", "eval_every", "save_every", "resume", "device", "micro_batch_size", "grad_checkpoint",
+              "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries", "judge_timeout",
+              "judge_workers"}  # on --resume
+
+
+def open_run(args):
+    """(run_dir, first step, trainer state or None), reading only: on --resume the state of the last
+    checkpoint, which must be whole (weights and state of the same save) and of a run with the same
+    flags, but for those in MAY_CHANGE (logged) and more --steps."""
+    run_dir = Path("runs") / (args.run_name or Path(__file__).stem)
+    if not args.resume:
+        return run_dir, 0, None
+    if not (run_dir / "trainer_state.pt").exists():
+        raise SystemExit(f"error: --resume: no checkpoint in {run_dir}")
+    try:
         state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
-        step = state["step"]
+        saved = json.loads((run_dir / "args.json").read_text())
+        weights = read_checkpoint_id(run_dir / "model.safetensors")
+    except Exception as e:  # a truncated or foreign file: torch, json and the reader raise many kinds
+        raise SystemExit(f"error: --resume: the checkpoint in {run_dir} is incomplete or corrupt "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    if state.get("checkpoint") != weights:
+        raise SystemExit(f"error: --resume: in {run_dir} the weights and trainer_state.pt come from different saves "
+                         "(a save was interrupted); start again from another checkpoint")
+    now = dataclasses.asdict(args) | {"script": Path(__file__).name}
+    differ = sorted(k for k in now.keys() & saved.keys() if now[k] != saved[k] and k not in MAY_CHANGE)
+    if differ:
+        raise SystemExit(f"error: --resume: {run_dir} was run with other flags: " + ", ".join(
+            f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now.get(k)!r})" for k in differ))
+    if state["step"] >= args.steps:
+        raise SystemExit(f"error: --resume: {run_dir} is at step {state['step']}: ask for more --steps")
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in sorted(MAY_CHANGE)
+               if k != "resume" and k in saved and saved[k] != now.get(k)]
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"resuming {run_dir} at step {state['step']} with " + ", ".join(changed))
+    return run_dir, state["step"], state
+
+
+def read_checkpoint_id(path):
+    """The id that save_pretrained writes into the weights' header (and into the trainer state)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n)).get("__metadata__", {}).get("checkpoint")
+
+
+def start_run(args, run_dir, step, rank):
+    """Take the run dir (a lock: one run at a time; a dead process leaves none), remove the temporary files of
+    an interrupted save, write args.json, on --resume drop the metrics logged after the checkpoint, and open
+    the --track mirror."""
+    global RUN_LOCK, TRACKER
+    if RUN_LOCK is not None:  # an earlier run of this process (tests call main() more than once)
+        RUN_LOCK.close()
+    TRACKER = None
+    if args.track != "none":
+        try:
+            importlib.import_module(args.track)
+        except ImportError:
+            raise SystemExit(f"error: --track {args.track}: the {args.track} package is not installed "
+                             f"(pip install {args.track})") from None
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-        metrics = run_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if args.resume and metrics.exists() else []
-        metrics.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
-    return run_dir, step, state
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            RUN_LOCK = open(run_dir / ".lock", "a+")
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to {run_dir} ({e.strerror})") from None
+        try:
+            fcntl.flock(RUN_LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            RUN_LOCK.seek(0)
+            raise SystemExit(f"error: {run_dir} is in use by another run (process {RUN_LOCK.read().strip() or '?'})"
+                             "; wait for it or pass another --run-name") from None
+        RUN_LOCK.truncate(0)
+        RUN_LOCK.write(str(os.getpid()))
+        RUN_LOCK.flush()
+        for tmp in run_dir.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args) | {"script": Path(__file__).name},
+                                                      indent=2))
+        metrics, kept = run_dir / "metrics.jsonl", []
+        for line in metrics.read_text().splitlines() if args.resume and metrics.exists() else []:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                print(f"warning: {metrics}: dropped a line that is not a whole record: {line[:80]!r}")
+        metrics.write_text("".join(line + "\n" for line in kept))
+        TRACKER = open_tracker(args, run_dir, step)
+
+
+RUN_LOCK = None  # the open lock file of this process's run dir
+TRACKER = None  # --track: (step, metrics) -> None, the mirror of metrics.jsonl (rank 0)
+
+
+def open_tracker(args, run_dir, step):
+    """--track tensorboard: event files in the run dir (on --resume, the events after `step` dropped, as in
+    metrics.jsonl); wandb: a run in the run dir, offline unless WANDB_MODE says otherwise, config = the flags."""
+    if args.track == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir), purge_step=step + 1 if args.resume else None)
+
+        def write(step, metrics):
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, step)
+            writer.flush()
+        return write
+    if args.track == "wandb":
+        import wandb
+        run = wandb.init(dir=str(run_dir), name=run_dir.name, config=dataclasses.asdict(args),
+                         mode=os.environ.get("WANDB_MODE", "offline"))
+        return lambda step, metrics: run.log(metrics, step=step)
+    return None
 
 
 def log(run_dir, step, metrics, rank):
     if rank == 0:
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in metrics.items()}}) + "\n")
+        if TRACKER is not None:  # the same numbers under the same names
+            TRACKER(step, metrics)
 
 
 def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=evaluate, data=None):
-    """Print what runs where, evaluate before training (not on --resume; logged as step 0 with the `data`
-    counts), and return the steps' progress bar."""
+    """Once every flag and input is checked: take the run dir, print what runs where, evaluate before training
+    (not on --resume; logged as step 0 with the `data` counts), and return the steps' progress bar."""
+    start_run(args, run_dir, start, rank)
     if rank == 0:
         device = next(model.parameters()).device
         print(f"{model.num_params() / 1e6:.2f}M parameters | {device} | "
@@ -893,20 +1160,45 @@ def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=eva
 
 def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
     """Log the step's metrics, show the main ones, and checkpoint every --save-every steps and at the end
-    (weights, tokenizer and the trainer state: the step, `state` and what the script adds to it)."""
+    (weights, tokenizer and the trainer state: the step, and `state`, where an optimizer stands for its state)."""
     log(run_dir, step + 1, metrics, rank)
     bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in
                      ("train/loss", "train/reward", "train/kl", "eval/accuracy", "eval/preference_accuracy")})
-    if rank == 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-        model.save_pretrained(run_dir, tok, state={"step": step + 1, **state})
+    if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+        save(model, tok, run_dir, rank, {"step": step + 1, **state})
+
+
+def save(model, tok, run_dir, rank, state):
+    """Rank 0 writes the checkpoint. Under --fsdp every rank first takes part in gathering the weights and
+    the optimizer state whole into rank 0's memory (one tensor at a time on the device), and the weights are
+    saved from a CPU copy of the model."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = {k: get_optimizer_state_dict(model, v, options=whole) if isinstance(v, torch.optim.Optimizer)
+                 else v for k, v in state.items()}
+        weights = get_model_state_dict(model, options=whole)  # empty but on rank 0
+        if rank == 0:
+            with torch.device("meta"):
+                model = GPT(model.config)
+            model.load_state_dict(weights, assign=True)
+    state = {k: v.state_dict() if isinstance(v, torch.optim.Optimizer) else v for k, v in state.items()}
+    if rank == 0:
+        model.save_pretrained(run_dir, tok, state=state)
 
 
 def finish(args, run_dir, rank, metrics):
     """Log and print the final held-out metrics; leave the process group."""
+    global TRACKER
     log(run_dir, args.steps, metrics, rank)
     if rank == 0:
         print(f"after {args.steps} steps: " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items())
               + f" | saved to {run_dir}")
+    if args.track == "wandb" and TRACKER is not None:
+        import wandb
+        wandb.finish()
+    TRACKER = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -923,7 +1215,7 @@ def rollout(model, tok, examples, args, step, rank, amp):
     completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
     seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
-    with amp:
+    with amp, gathered(model):
         out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)
     seqs, masks, rewards, texts, ended = [], [], [], [], []
@@ -937,14 +1229,15 @@ def rollout(model, tok, examples, args, step, rank, amp):
 
 
 @torch.no_grad()
-def sequence_logprobs(model, batch, micro_batch_size, amp):
-    """log π(target) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
+def sequence_logprobs(model, batch, micro_batch_size, amp, temperature=1.0):
+    """log π(target) (B, T) of a collated batch at the sampling temperature (logits / T), micro-batch by
+    micro-batch; zero off the mask."""
     ids, targets, mask = batch
     out = []
     for i in range(0, len(ids), micro_batch_size):
         sl = slice(i, i + micro_batch_size)
         with amp:
-            out.append(model(ids[sl], targets[sl], mask=mask[sl]).float())
+            out.append(model(ids[sl], targets[sl], mask=mask[sl], temperature=temperature).float())
     return torch.cat(out)
 
 

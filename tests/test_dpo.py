@@ -30,7 +30,8 @@ def test_conservative_dpo_is_cross_entropy_with_soft_labels():
     out = D.dpo_loss(ratios, beta=0.5, kind="sigmoid", eps=0.1)
     assert out[0].item() == pytest.approx(0.9 * 0.3132617 + 0.1 * 1.3132617, abs=1e-6)  # −0.9 log σ(1) − 0.1 log σ(−1)
     logits = 0.5 * (ratios[:, 0] - ratios[:, 1])
-    torch.testing.assert_close(out, torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.full((2,), 0.9), reduction="none"))
+    torch.testing.assert_close(out, torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.full((2,), 0.9),
+                                                                                          reduction="none"))
 
 
 def test_robust_loss_hand_worked_and_unbiased_under_flips():
@@ -63,7 +64,8 @@ def test_label_smoothing_zero_is_plain_dpo():
         torch.testing.assert_close(r.grad, expected)  # dL/dh = −β σ(−βh)
 
 
-@pytest.mark.parametrize("kind,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2), ("ipo", 0.0), ("hinge", 0.0)])
+@pytest.mark.parametrize("kind,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.2), ("ipo", 0.0),
+                                      ("hinge", 0.0)])
 def test_gradient_raises_chosen_lowers_rejected(kind, eps):
     """On a real model: one gradient step on one pair raises the chosen completion's log-ratio and lowers
     the rejected one's (from the reference, where both are 0)."""
@@ -85,9 +87,11 @@ def test_gradient_raises_chosen_lowers_rejected(kind, eps):
 
 
 def test_length_norm_and_stats():
-    pi, ref = torch.tensor([[-2.0, -6.0], [-4.0, -1.0], [-3.0, -3.0]]), torch.tensor([[-3.0, -3.0], [-3.0, -3.0], [-3.0, -3.0]])
+    pi, ref = torch.tensor([[-2.0, -6.0], [-4.0, -1.0], [-3.0, -3.0]]), \
+        torch.tensor([[-3.0, -3.0], [-3.0, -3.0], [-3.0, -3.0]])
     lengths = torch.tensor([[2, 4], [4, 2], [1, 1]])
-    torch.testing.assert_close(D.log_ratios(pi, ref, lengths, True), torch.tensor([[0.5, -0.75], [-0.25, 1.0], [0.0, 0.0]]))
+    torch.testing.assert_close(D.log_ratios(pi, ref, lengths, True),
+                               torch.tensor([[0.5, -0.75], [-0.25, 1.0], [0.0, 0.0]]))
     s = D.pair_stats(pi, D.log_ratios(pi, ref, lengths, False), beta=0.5)  # ratios (1, −3), (−1, 2), (0, 0)
     assert s["reward_chosen"] == pytest.approx(0.0) and s["reward_rejected"] == pytest.approx(-0.5)
     assert s["reward_margin"] == pytest.approx(2.0 - 1.5 + 0.0)
@@ -172,7 +176,8 @@ def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_completions
             {"prompt": "short", "chosen": "ok", "rejected": "no"}]  # fits: unchanged
     pairs, cut = D.tokenize_pairs(rows, tok, 16, raw=True)
     assert cut == 2 and len(pairs) == 3
-    assert pairs[0]["prompt_ids"] == tok.encode("890123456789") and pairs[0]["chosen_ids"] == tok.encode("abc") + [tok.eos_id]
+    assert pairs[0]["prompt_ids"] == tok.encode("890123456789") and \
+        pairs[0]["chosen_ids"] == tok.encode("abc") + [tok.eos_id]
     assert pairs[1]["chosen_ids"] == tok.encode("x" * 8) and pairs[1]["rejected_ids"] == tok.encode("y") + [tok.eos_id]
     assert pairs[1]["prompt_ids"] == tok.encode("23456789")
     assert pairs[2] == {"prompt_ids": tok.encode("short"), "chosen_ids": tok.encode("ok") + [tok.eos_id],
@@ -190,7 +195,8 @@ def test_bad_lines_named_by_file_and_line(tmp_path):
     with pytest.raises(SystemExit, match=r"pairs\.jsonl:2: missing or non-string field 'rejected'"):
         D.read_pairs(D.Args(task="jsonl", data_path=str(p)))
     h = tmp_path / "hh.jsonl"
-    h.write_text('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n{oops\n')
+    h.write_text('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", '
+                 '"rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n{oops\n')
     with pytest.raises(SystemExit, match=r"hh\.jsonl:2: not valid JSON"):
         D.read_pairs(D.Args(task="hh", data_path=str(h)))
     h.write_text('{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n'
@@ -207,7 +213,7 @@ def test_missing_sft_checkpoint_message(monkeypatch, tmp_path):
 
 
 def test_bad_flags(monkeypatch, tmp_path, tiny_ckpt):
-    for flags, msg in [(["--loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing must be"),
+    for flags, msg in [(["--loss", "ipo", "--label-smoothing", "0.1"], "--label-smoothing goes with"),
                        (["--task", "csv"], "2")]:  # the parser's exit status
         with pytest.raises(SystemExit, match=msg):
             run_script(D, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, *flags)
@@ -220,7 +226,8 @@ def text_parity(text, example):
 
 def test_smoke_and_resume(monkeypatch, tmp_path, tiny_ckpt):
     monkeypatch.setattr(D, "reward_fn", text_parity)
-    args = ["--model", str(tiny_ckpt), "--steps", "3", "--save-every", "2", "--rpo-alpha", "0.5", "--temperature", "2", *TINY]
+    args = ["--model", str(tiny_ckpt), "--steps", "3", "--save-every", "2", "--rpo-alpha", "0.5", "--temperature", "2",
+            *TINY]
     run_script(D, monkeypatch, tmp_path, *args, "--run-name", "full")
     rows = [json.loads(l) for l in (tmp_path / "runs/full/metrics.jsonl").read_text().splitlines()]
     first, train = rows[0], [r for r in rows if "train/loss" in r]
@@ -228,7 +235,8 @@ def test_smoke_and_resume(monkeypatch, tmp_path, tiny_ckpt):
     assert first["data/train_pairs"] > 0 and "eval/accuracy" in first
     assert [r["step"] for r in train] == [1, 2, 3] and "eval/pref_accuracy" in rows[-1]
     for r in train:
-        assert {"train/reward_chosen", "train/reward_margin", "train/logp_rejected"} <= r.keys() and math.isfinite(r["train/loss"])
+        assert {"train/reward_chosen", "train/reward_margin", "train/logp_rejected"} <= r.keys() and \
+            math.isfinite(r["train/loss"])
 
     real = D.lr_at
     monkeypatch.setattr(D, "lr_at", lambda s, a: (_ for _ in ()).throw(KeyboardInterrupt) if s == 2 else real(s, a))
@@ -242,24 +250,30 @@ def test_smoke_and_resume(monkeypatch, tmp_path, tiny_ckpt):
 
 def test_micro_batching_does_not_change_the_gradient(monkeypatch, tmp_path, tiny_ckpt):
     monkeypatch.setattr(D, "reward_fn", text_parity)
-    common = ["--model", str(tiny_ckpt), "--steps", "1", "--rpo-alpha", "1", "--length-norm", "--temperature", "2", *TINY]
+    common = ["--model", str(tiny_ckpt), "--steps", "1", "--rpo-alpha", "1", "--length-norm", "on",
+              "--temperature", "2", *TINY]
     run_script(D, monkeypatch, tmp_path, *common, "--run-name", "m2")
     run_script(D, monkeypatch, tmp_path, *common, "--micro-batch-size", "1", "--run-name", "m1")
     first = lambda n: json.loads((tmp_path / f"runs/{n}/metrics.jsonl").read_text().splitlines()[1])
     assert first("m1")["train/loss"] == pytest.approx(first("m2")["train/loss"], rel=1e-5)
-    assert first("m1")["train/grad_norm"] == pytest.approx(first("m2")["train/grad_norm"], rel=1e-5)  # the same gradient
+    assert first("m1")["train/grad_norm"] == pytest.approx(first("m2")["train/grad_norm"],
+                                                           rel=1e-5)  # the same gradient
 
 
 def test_smoke_hh_and_jsonl(monkeypatch, tmp_path, tiny_ckpt):
-    rows = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: fine {i}", "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no"} for i in range(10)]
+    rows = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: fine {i}", "rejected": f"\n\nHuman: q{i}?\n\nAssistant: no"}
+            for i in range(10)]
     (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n" for i in range(10)))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}) + "\n"
+                                              for i in range(10)))
     for task, path in (("hh", "hh.jsonl"), ("jsonl", "p.jsonl")):
-        run_script(D, monkeypatch, tmp_path, "--model", str(tiny_ckpt), "--task", task, "--data-path", str(tmp_path / path),
+        run_script(D, monkeypatch, tmp_path, "--model", str(tiny_ckpt), "--task", task,
+                   "--data-path", str(tmp_path / path),
                    "--steps", "2", "--eval-size", "3", "--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
                    "--max-len", "40", "--run-name", task)
         rows_ = [json.loads(l) for l in (tmp_path / f"runs/{task}/metrics.jsonl").read_text().splitlines()]
-        assert rows_[0]["data/train_pairs"] == 7 and rows_[0]["data/eval_pairs"] == 3 and "eval/accuracy" not in rows_[0]
+        assert rows_[0]["data/train_pairs"] == 7 and rows_[0]["data/eval_pairs"] == 3 and \
+            "eval/accuracy" not in rows_[0]
         assert rows_[-1]["eval/pref_accuracy"] >= 0 and "train/pref_accuracy" in rows_[1]
 
 
@@ -268,7 +282,8 @@ def test_shard_map_gathers_in_order(monkeypatch):
     monkeypatch.setattr(D.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(D.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(D.dist, "get_world_size", lambda: world)
-    gather = lambda parts, mine: parts.__setitem__(slice(None), [[x * 10 for x in items[r::world]] for r in range(world)])
+    gather = lambda parts, mine: parts.__setitem__(slice(None), [[x * 10 for x in items[r::world]]
+                                                                 for r in range(world)])
     monkeypatch.setattr(D.dist, "all_gather_object", gather)
     assert D.shard_map(lambda x: x * 10, items) == [x * 10 for x in items]
 
@@ -279,10 +294,12 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_ckpt):
     import subprocess
     import sys
     from pathlib import Path
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes" * (i % 3 + 1), "rejected": "no"}) + "\n"
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes" * (i % 3 + 1),
+                                                          "rejected": "no"}) + "\n"
                                               for i in range(13)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    base = [str(Path(D.__file__)), "--model", str(tiny_ckpt), "--task", "jsonl", "--data-path", str(tmp_path / "p.jsonl"),
+    base = [str(Path(D.__file__)), "--model", str(tiny_ckpt), "--task", "jsonl",
+            "--data-path", str(tmp_path / "p.jsonl"),
             "--steps", "2", "--eval-size", "5", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2"]
     subprocess.run([sys.executable, *base, "--run-name", "one"], cwd=tmp_path, env=env, check=True, capture_output=True)
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
@@ -293,4 +310,21 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_ckpt):
     one, two = rows("one"), rows("two")
     assert one[0]["eval/pref_accuracy"] == two[0]["eval/pref_accuracy"] == 0.5  # reference log-probs gathered in order
     for a, b in zip(one[1:3], two[1:3]):
-        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5) and a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5) and \
+            a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+
+
+def test_ipo_uses_length_normalised_log_ratios_by_default():
+    assert D.length_normalised(D.Args(loss="ipo")) and not D.length_normalised(D.Args(loss="sigmoid"))
+    assert D.length_normalised(D.Args(loss="sigmoid", length_norm="on"))
+    assert not D.length_normalised(D.Args(loss="ipo", length_norm="off"))
+
+
+def test_truncated_pairs_counts_every_pair_with_a_field_cut():
+    from model import Tokenizer
+    tok = Tokenizer.byte_level()
+    rows = [{"prompt": "ab", "chosen": "x" * 20, "rejected": "yz"},  # only the chosen is cut (to 8 of 21 tokens)
+            {"prompt": "p" * 30, "chosen": "c", "rejected": "r"},  # only the prompt is cut
+            {"prompt": "ab", "chosen": "c", "rejected": "r"}]  # nothing is cut
+    pairs, n_cut = D.tokenize_pairs(rows, tok, 16, raw=True)
+    assert n_cut == 2 and len(pairs[0]["chosen_ids"]) == 8 and len(pairs[1]["prompt_ids"]) == 14

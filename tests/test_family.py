@@ -1,10 +1,12 @@
 """The scripts' shape (DESIGN.md): the algorithm first, main() next, then, below one marker line, the blocks that are
 byte-identical in every script (so that `diff parent child` is the algorithm); the common Args fields first in the same
-order; nothing imported from the repository but model."""
+order; nothing imported from the repository but model; lines of at most 120 characters."""
 import ast
 import dataclasses
 import importlib
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,17 @@ def test_no_eval_exec_and_safe_torch_load(script):
     assert not calls & {"eval", "exec"}
     for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
         assert "weights_only=True" in m.group(1), f"{script}: {m.group(0)}"
+
+
+def test_no_line_over_120_characters():
+    long = [f"{p.relative_to(ROOT)}:{i}" for p in sorted(ROOT.rglob("*.py"))
+            if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)  # .venv, .git, ...
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+    assert long == []
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed (requirements-dev.txt)")
+def test_ruff():
+    """The linter configured in ruff.toml (line length, unused imports and variables, undefined names)."""
+    out = subprocess.run(["ruff", "check", "--no-cache", str(ROOT)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -7,6 +7,7 @@ import json
 import math
 import socket
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -64,20 +65,30 @@ BAD = [  # (rubric, the error it must name)
     ("{\"math\": [", r"rubric\.json:1: not valid JSON"),
     ([{"name": "x"}], r"rubric\.json: expected an object \{category: \[items\]\}"),
     ({"math": []}, r"rubric\.json: category 'math': expected a non-empty list"),
-    ({"math": [{"name": "x", "kind": "graded", "weight": 1}]}, r"category 'math' item 0 \(x\): field 'kind': 'graded' is not checked or judged"),
-    ({"math": [{"name": "x", "kind": "checked", "check": "spelling", "weight": 1}]}, r"item 0 \(x\): field 'check': 'spelling' is not one of correct"),
+    ({"math": [{"name": "x", "kind": "graded", "weight": 1}]},
+     r"category 'math' item 0 \(x\): field 'kind': 'graded' is not checked or judged"),
+    ({"math": [{"name": "x", "kind": "checked", "check": "spelling", "weight": 1}]},
+     r"item 0 \(x\): field 'check': 'spelling' is not one of correct"),
     ({"math": [{"name": "x", "kind": "checked", "check": "correct"}]}, r"item 0 \(x\): field 'weight' is missing"),
-    ({"math": [{"name": "x", "kind": ["checked"], "weight": 1}]}, r"field 'kind': \['checked'\] is not checked or judged"),
-    ({"math": [{"name": "x", "kind": "checked", "check": ["correct"], "weight": 1}]}, r"field 'check': \['correct'\] is not one of"),
+    ({"math": [{"name": "x", "kind": ["checked"], "weight": 1}]},
+     r"field 'kind': \['checked'\] is not checked or judged"),
+    ({"math": [{"name": "x", "kind": "checked", "check": ["correct"], "weight": 1}]},
+     r"field 'check': \['correct'\] is not one of"),
     ({"math": [{"kind": "checked", "check": "correct", "weight": 1}]}, r"item 0 \(\?\): field 'name' is missing"),
     ({"math": [{"name": "x", "kind": "judged", "weight": 1}]}, r"item 0 \(x\): field 'question' is missing"),
-    ({"math": [{"name": "x", "kind": "checked", "check": "correct", "weight": 0}]}, r"field 'weight': 0 is not a number > 0"),
-    ({"math": [{"name": "x", "kind": "checked", "check": "correct", "weight": -2.5}]}, r"field 'weight': -2\.5 is not a number > 0"),
-    ({"math": [{"name": "x", "kind": "checked", "check": "correct", "weight": "1"}]}, r"field 'weight': '1' is not a number > 0"),
+    ({"math": [{"name": "x", "kind": "checked", "check": "correct", "weight": 0}]},
+     r"field 'weight': 0 is not a number > 0"),
+    ({"math": [{"name": "x", "kind": "checked", "check": "correct", "weight": -2.5}]},
+     r"field 'weight': -2\.5 is not a number > 0"),
+    ({"math": [{"name": "x", "kind": "checked", "check": "correct", "weight": "1"}]},
+     r"field 'weight': '1' is not a number > 0"),
     ({"math": [{"name": "a", "kind": "checked", "check": "correct", "weight": 1},
-               {"name": "y", "kind": "checked", "check": "correct", "weight": 1, "wieght": 2}]}, r"item 1 \(y\): field 'wieght' is not a field"),
-    ({"math": [{"name": "x", "kind": "judged", "weight": 1, "question": "ok?", "check": "correct"}]}, r"field 'check' is not a field of a judged item"),
-    ({"math": [{"name": "a b", "kind": "checked", "check": "correct", "weight": 1}]}, r"field 'name': 'a b' is not a unique name"),
+               {"name": "y", "kind": "checked", "check": "correct", "weight": 1, "wieght": 2}]},
+     r"item 1 \(y\): field 'wieght' is not a field"),
+    ({"math": [{"name": "x", "kind": "judged", "weight": 1, "question": "ok?", "check": "correct"}]},
+     r"field 'check' is not a field of a judged item"),
+    ({"math": [{"name": "a b", "kind": "checked", "check": "correct", "weight": 1}]},
+     r"field 'name': 'a b' is not a unique name"),
     ({"math": [{"name": "x", "kind": "checked", "check": "correct", "weight": 1}],
       "code": [{"name": "x", "kind": "checked", "check": "format", "weight": 1}]}, r"item name 'x' is used twice"),
 ]
@@ -97,11 +108,14 @@ def test_rubric_unknown_category_and_missing_file(tmp_path, monkeypatch, tiny_ck
     path = write_rubric(tmp_path, {"code": [{"name": "x", "kind": "checked", "check": "format", "weight": 1}]})
     items = R.load_rubric(path)
     R.check_categories(items, path, {"train": [{"category": "code"}]}, "math")  # fine
-    with pytest.raises(SystemExit, match=r"train example 1: category 'math' is not in .*rubric\.json \(categories: code; see --category\)"):
+    with pytest.raises(SystemExit, match=r"train example 1: category 'math' is not in .*rubric\.json "
+                                         r"\(categories: code; see --category\)"):
         R.check_categories(items, path, {"train": [{"category": "code"}, {}]}, "math")
-    with pytest.raises(SystemExit, match=r"train example 0: category 'math' is not in .*rubric\.json"):  # the arith default
+    with pytest.raises(SystemExit, match=r"train example 0: category 'math' is not in "
+                                         r".*rubric\.json"):  # the arith default
         run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--rubric", path)
-    run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--rubric", path, "--category", "code", "--steps", "1")
+    run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--rubric", path, "--category", "code",
+               "--steps", "1")
 
 
 TWO = {"math": [{"name": "correct", "kind": "checked", "check": "correct", "weight": 1},
@@ -120,13 +134,15 @@ def test_jsonl_categories_through_the_loader(tmp_path):
     items = R.load_rubric(write_rubric(tmp_path, TWO))
     R.check_categories(items, "rubric.json", {"train": train, "eval": evals}, "math")
     texts = ["#### 1", "#### 3", "#### 3 and more", "#### 9"]  # right, short; right, too long; wrong
-    s, c, applies = R.score_items(items, texts, train[:4], "math", lambda asks: (torch.tensor([0.9, 0.2]), torch.tensor([0.8, 0.6])))
+    s, c, applies = R.score_items(items, texts, train[:4], "math",
+                                  lambda asks: (torch.tensor([0.9, 0.2]), torch.tensor([0.8, 0.6])))
     assert applies.tolist() == [[1, 1, 0], [0, 0, 1], [0, 0, 1], [1, 1, 0]]
     torch.testing.assert_close(s, torch.tensor([[1.0, 0.9, 0], [0, 0, 1], [0, 0, 0], [0, 0.2, 0]]))
     torch.testing.assert_close(c, torch.tensor([[1.0, 0.8, 0], [0, 0, 1], [0, 0, 1], [1, 0.6, 0]]))
     data.write_text(data.read_text() + json.dumps({"prompt": "p", "completion": "#### 1", "category": "code"}) + "\n")
     train, evals = R.load_task(SimpleNamespace(task="jsonl", data_path=str(data), eval_size=2))
-    with pytest.raises(SystemExit, match=r"eval example 1: category 'code' is not in rubric\.json \(categories: math, style"):
+    with pytest.raises(SystemExit, match=r"eval example 1: category 'code' is not in rubric\.json "
+                                         r"\(categories: math, style"):
         R.check_categories(items, "rubric.json", {"train": train, "eval": evals}, "math")
 
 
@@ -134,7 +150,8 @@ def test_evaluate_rubric_per_category_means(tmp_path, monkeypatch):
     """eval/rubric/<name>: each checked item's mean over the held-out examples of its category, on the very
     completions evaluate() kept; judged items are not asked (no critic at evaluation)."""
     items = R.load_rubric(write_rubric(tmp_path, TWO))
-    exs = [{"prompt": "p", "completion": "#### 5", "answer": "5", "category": cat} for cat in ("math", "style", "style", "math", "math")]
+    exs = [{"prompt": "p", "completion": "#### 5", "answer": "5", "category": cat}
+           for cat in ("math", "style", "style", "math", "math")]
     texts = ["#### 5", "#### 5", "#### 55", "#### 4", "#### 5"]
 
     def fake_completions(model, tok, examples, args, amp):
@@ -150,7 +167,8 @@ def test_evaluate_rubric_per_category_means(tmp_path, monkeypatch):
 
 
 def test_single_checked_item_gives_grpos_rewards_and_advantages(tmp_path):
-    items = R.load_rubric(write_rubric(tmp_path, {"math": [{"name": "c", "kind": "checked", "check": "correct", "weight": 2.5}]}))
+    items = R.load_rubric(write_rubric(tmp_path, {"math": [{"name": "c", "kind": "checked", "check": "correct",
+                                                            "weight": 2.5}]}))
     texts = [GOOD, "#### 105", "#### 104", GOOD + "5", "", GOOD, GOOD, GOOD, "#### 1"]  # 3 groups of 3
     s, c, applies = R.score_items(items, texts, [EX] * 9, "math", None)
     w = R.item_weights(torch.tensor([2.5]), (applies * c).sum(0), applies.sum(0))
@@ -220,7 +238,8 @@ def test_confidence_weighting_hand_worked():
     torch.testing.assert_close(r, torch.tensor([(1 + 1.08) / 2.2, 0.36 / 2.2, 1.0, 0.0]))
     adv = G.group_advantages(r.view(2, 2), "group", eps=0.0)
     torch.testing.assert_close(adv, torch.tensor([[0.5 ** 0.5, -0.5 ** 0.5]] * 2))  # two of anything: ±1/√2
-    torch.testing.assert_close(G.group_advantages(r.view(2, 2), "none"), torch.tensor([[1.72 / 4.4, -1.72 / 4.4], [0.5, -0.5]]))
+    torch.testing.assert_close(G.group_advantages(r.view(2, 2), "none"),
+                               torch.tensor([[1.72 / 4.4, -1.72 / 4.4], [0.5, -0.5]]))
     # every weight zero (a judged-only category the critic cannot judge): reward 0, not NaN
     assert R.rubric_rewards(torch.tensor([[0.7]]), torch.ones(1, 1), torch.zeros(1)).item() == 0.0
 
@@ -237,7 +256,8 @@ def test_per_item_advantages_hand_worked():
     torch.testing.assert_close(G.group_advantages(R.rubric_rewards(s, applies, w).view(1, 3), "group")[0],
                                torch.tensor([-2.0, 1.0, 1.0]) / 3 ** 0.5, atol=1e-3, rtol=1e-3)
     # without the std: each item centred, then weighted: (1·(2,-1,-1)/3 + 2·(-2,1,1)/3)/4 = (-2, 1, 1)/12
-    torch.testing.assert_close(R.per_item_advantages(s, applies, w, 3, "none", torch.ones(3)), torch.tensor([-2.0, 1.0, 1.0]) / 12)
+    torch.testing.assert_close(R.per_item_advantages(s, applies, w, 3, "none", torch.ones(3)),
+                               torch.tensor([-2.0, 1.0, 1.0]) / 12)
     # the batch std of each item divides its centred scores
     torch.testing.assert_close(R.per_item_advantages(s, applies, w, 3, "batch", torch.tensor([0.5, 1.0, 2.0])),
                                (torch.tensor([2.0, -1, -1]) / 3 / 0.5 + 2 * torch.tensor([-2.0, 1, 1]) / 3 / 2) / 4,
@@ -250,7 +270,8 @@ def test_per_item_advantages_hand_worked():
 def test_local_judge_on_a_tiny_model():
     torch.manual_seed(0)
     model, tok = M.GPT(M.tiny_config(n_layer=2, n_embd=64, ffn_dim=128)).eval(), M.Tokenizer.byte_level()
-    assert tok.decode(R.judge_prompt(tok, "2+2?", "4", "Right? Answer yes or no.")) == "Q: 2+2?\nA: 4\nQ: Right? Answer yes or no.\nA: "
+    assert tok.decode(R.judge_prompt(tok, "2+2?", "4", "Right? Answer yes or no.")) == \
+        "Q: 2+2?\nA: 4\nQ: Right? Answer yes or no.\nA: "
     asks = [("2+2?", "4", "Right?"), ("A longer problem with more bytes", GOOD, "Does it show work?"), ("x", "", "ok?")]
     s, c = R.judge_local(model, tok, asks, 2, torch.autocast("cpu", enabled=False))  # micro-batches of 2: padding
     assert s.shape == c.shape == (3,) and ((s >= 0) & (s <= 1)).all() and ((c >= 0) & (c <= 1)).all()
@@ -273,9 +294,11 @@ def stub():
     (content None: a body that is not JSON) and records the requests."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
-            server.requests.append((self.path, dict(self.headers), json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            server.requests.append((self.path, dict(self.headers),
+                                    json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
             status, content = server.replies.pop(0) if len(server.replies) > 1 else server.replies[0]
-            body = b"<html>oops" if content is None else json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+            body = b"<html>oops" if content is None else \
+                json.dumps({"choices": [{"message": {"content": content}}]}).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -296,17 +319,19 @@ ASK = ("Ann has 79 pens and gets 26 more. How many now?", GOOD, "Is it right? An
 
 
 def test_http_critic_good_reply(stub):
-    stub.replies = [(200, "Sure.\n```json\n{\"score\": 1.4, \"confidence\": 0.7, \"reason\": \"adds up\"}\n```")]
-    assert R.ask_critic(stub.url, "critic-7b", "sekret", ASK, 3, 5.0, backoff=0.001) == (1.0, 0.7, "adds up")  # clamped
+    stub.replies = [(200, "Sure.\n```json\n{\"score\": 1.0, \"confidence\": 0.7, \"reason\": \"adds up\"}\n```")]
+    assert R.ask_critic(stub.url, "critic-7b", "sekret", ASK, 3, 5.0, backoff=0.001) == (1.0, 0.7, "adds up")
     (path, headers, body), = stub.requests
-    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sekret" and body["model"] == "critic-7b"
+    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sekret" and \
+        body["model"] == "critic-7b"
     user = body["messages"][-1]["content"]
     assert all(part in user for part in ASK) and "JSON" in body["messages"][0]["content"]
 
 
 def test_http_critic_malformed_reply_is_retried_then_one_clear_error(stub):
     stub.replies = [(200, "I think it is fine.")]
-    with pytest.raises(SystemExit, match=rf"error: --judge-url {stub.url}: malformed reply .*I think it is fine.* after 3 tries"):
+    with pytest.raises(SystemExit, match=rf"error: --judge-url {stub.url}: malformed reply "
+                                         r".*I think it is fine.* after 3 tries"):
         R.ask_critic(stub.url, "m", None, ASK, 3, 5.0, backoff=0.001)
     assert len(stub.requests) == 3 and "Authorization" not in stub.requests[0][1]
     stub.replies = [(200, None)]  # not even JSON around the content
@@ -318,7 +343,7 @@ def test_http_critic_malformed_reply_is_retried_then_one_clear_error(stub):
 
 
 def test_http_critic_recovers_from_an_http_500(stub):
-    stub.replies = [(500, None), (200, '{"score": 0.25, "confidence": -1, "reason": ""}')]
+    stub.replies = [(500, None), (200, '{"score": 0.25, "confidence": 0, "reason": ""}')]
     assert R.ask_critic(stub.url, "m", None, ASK, 3, 5.0, backoff=0.001) == (0.25, 0.0, "")
     assert len(stub.requests) == 2
     stub.replies = [(503, None)]
@@ -346,7 +371,7 @@ def test_judge_url_in_a_run(monkeypatch, tmp_path, tiny_ckpt, stub):
     row = metrics(tmp_path / "runs/grape/metrics.jsonl")[1]
     assert row["rubric/stepwise/score"] == 0.75 and row["rubric/stepwise/confidence"] == 0.5
     assert row["rubric/stepwise/weight"] == pytest.approx(0.25 * 0.5)
-    assert len(stub.requests) == 6 and stub.requests[0][1]["Authorization"] == "Bearer k"
+    assert len(stub.requests) == 1 + 6 and stub.requests[0][1]["Authorization"] == "Bearer k"  # the probe, 6 asks
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -390,10 +415,60 @@ def test_per_item_advantages_run_and_beta_zero_loads_the_critic(monkeypatch, tmp
     monkeypatch.setattr(R, "reward_fn", some_reward)
     loads, real = [], R.load_model
     monkeypatch.setattr(R, "load_model", lambda *a: loads.append(a[0]) or real(*a))
-    run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), "--steps", "1", *TINY, "--per-item-advantages", "--beta", "0")
+    run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), "--steps", "1", *TINY, "--per-item-advantages",
+               "--beta", "0")
     assert loads == [str(tiny_ckpt)] * 2  # the policy, then the critic (no reference to share)
     assert math.isfinite(metrics(tmp_path / "runs/grape/metrics.jsonl")[1]["train/loss"])
     with pytest.raises(SystemExit, match=r"--per-item-advantages needs --kl-in loss"):
-        run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--per-item-advantages", "--kl-in", "reward")
+        run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--per-item-advantages",
+                   "--kl-in", "reward")
     with pytest.raises(SystemExit, match=r"--judge-url needs --judge-name"):
         run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--judge-url", "http://127.0.0.1:9/v1")
+
+
+def test_http_critic_out_of_range_numbers_are_errors_not_clamps(stub):
+    stub.replies = [(200, '{"score": 1.4, "confidence": 0.7, "reason": "too sure"}')]
+    with pytest.raises(SystemExit, match=r"malformed reply \(score 1\.4 and confidence 0\.7 must be in \[0, 1\]"):
+        R.ask_critic(stub.url, "m", None, ASK, 2, 5.0, backoff=0.001)
+
+
+def test_http_critic_timeout_is_a_deadline_for_the_whole_reply():
+    """A server that trickles its reply a byte at a time never trips a per-read timeout; the deadline stops it."""
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"choices": [{"message": {"content": '{"score": 1, "confidence": 1}'}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(len(body)):
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(SystemExit, match=r"no reply \(the reply took over 0\.5 s\) after 1 tries"):
+            R.ask_critic(f"http://127.0.0.1:{server.server_port}/v1", "m", None, ASK, 1, 0.5)
+        assert time.monotonic() - t0 < 2.0  # the body alone takes ~3 s to trickle out
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_judge_url_checked_before_any_work(monkeypatch, tmp_path, tiny_ckpt, stub):
+    rubric = write_rubric(tmp_path, {"math": [{"name": "j", "kind": "judged", "weight": 1.0, "question": "ok?"}]})
+    with pytest.raises(SystemExit, match=r"--judge-url localhost:8000/v1: not an http:// or https:// URL"):
+        run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--rubric", rubric,
+                   "--judge-url", "localhost:8000/v1", "--judge-name", "m")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(SystemExit, match=rf"--judge-url http://127.0.0.1:{port}/v1/chat/completions: no reply"):
+        run_script(R, monkeypatch, tmp_path, "--model", str(tiny_ckpt), *TINY, "--rubric", rubric,
+                   "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-name", "m", "--judge-retries", "1")
+    assert not (tmp_path / "runs").exists()  # found before the run dir is touched

@@ -25,7 +25,8 @@ def metrics(path):
 def test_group_advantages_hand_worked():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [3.0, 3.0, 3.0, 3.0], [1.0, 0.0, 0.0, 0.0]])
     # group 1: mean 1/2, unbiased std sqrt(1/3); group 3: mean 1/4, unbiased std 1/2
-    expected = torch.tensor([[0.75 ** 0.5, -0.75 ** 0.5, -0.75 ** 0.5, 0.75 ** 0.5], [0.0] * 4, [1.5, -0.5, -0.5, -0.5]])
+    expected = torch.tensor([[0.75 ** 0.5, -0.75 ** 0.5, -0.75 ** 0.5, 0.75 ** 0.5], [0.0] * 4,
+                             [1.5, -0.5, -0.5, -0.5]])
     torch.testing.assert_close(G.group_advantages(r, "group", eps=0.0)[[0, 2]], expected[[0, 2]])
     adv = G.group_advantages(r, "group")
     torch.testing.assert_close(adv, expected, atol=1e-3, rtol=1e-3)
@@ -33,7 +34,8 @@ def test_group_advantages_hand_worked():
     torch.testing.assert_close(G.group_advantages(r, "none"), r - r.mean(1, keepdim=True))  # Dr. GRPO
     batch_std = r.std().item()
     torch.testing.assert_close(G.group_advantages(r, "batch", eps=0.0), (r - r.mean(1, keepdim=True)) / batch_std)
-    torch.testing.assert_close(G.group_advantages(r, "batch", batch_std=2.0, eps=0.0), (r - r.mean(1, keepdim=True)) / 2)
+    torch.testing.assert_close(G.group_advantages(r, "batch", batch_std=2.0, eps=0.0),
+                               (r - r.mean(1, keepdim=True)) / 2)
 
 
 def test_group_advantages_are_invariant_to_each_groups_affine_rescaling():
@@ -183,13 +185,30 @@ def first_gradient(monkeypatch, tmp_path, tiny_ckpt, name, *flags):
     return grads[0]
 
 
+def perturbed_reference(monkeypatch):
+    """Every run's reference (its second load_model) a little away from the policy, so that the KL term has a
+    gradient at the first step (at π = π_ref the k3 and k2 gradients are zero, and k1 in the loss is refused)."""
+    real, calls = G.load_model, []
+
+    def load(*a):
+        model, tok = real(*a)
+        calls.append(a[0])
+        if len(calls) % 2 == 0:
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        return model, tok
+    monkeypatch.setattr(G, "load_model", load)
+
+
 @pytest.mark.parametrize("mode", AGGS)
 def test_gradient_is_unchanged_by_micro_batching(monkeypatch, tmp_path, tiny_ckpt, mode):
     """The whole loop: the same batch split into micro-batches of 6 (all), 4 (uneven) or 1 gives the same
-    gradient. k1 in the loss, whose gradient is β per token even while π = π_ref, so the KL term's
-    aggregation is checked too."""
+    gradient. The reference is perturbed, so that the k3 term's aggregation is checked too."""
     monkeypatch.setattr(G, "reward_fn", some_reward)
-    flags = ["--loss-agg", mode, "--kl-estimator", "k1", "--beta", "0.5"]
+    perturbed_reference(monkeypatch)
+    flags = ["--loss-agg", mode, "--kl-estimator", "k3", "--beta", "0.5"]
     grads = [first_gradient(monkeypatch, tmp_path, tiny_ckpt, f"mb{mb}", *flags, "--micro-batch-size", str(mb))
              for mb in (6, 4, 1)]
     assert grads[0].abs().max() > 1e-4
@@ -254,9 +273,9 @@ def test_equal_rewards_give_no_policy_gradient(monkeypatch, tmp_path, tiny_ckpt)
     assert torch.equal(g, torch.zeros_like(g))
     row = metrics(tmp_path / "runs/equal/metrics.jsonl")[1]
     assert row["train/groups_all_equal"] == 1.0 and row["train/reward"] == 1.0
-    # what is left with β > 0 is the KL term's gradient, linear in β (k1: β per token even while π = π_ref)
-    g1, g2 = (first_gradient(monkeypatch, tmp_path, tiny_ckpt, f"kl{b}", "--beta", b, "--kl-estimator", "k1")
-              for b in ("0.25", "0.5"))
+    # what is left with β > 0 is the KL term's gradient, linear in β (the reference perturbed: not zero)
+    perturbed_reference(monkeypatch)
+    g1, g2 = (first_gradient(monkeypatch, tmp_path, tiny_ckpt, f"kl{b}", "--beta", b) for b in ("0.25", "0.5"))
     assert g1.abs().max() > 1e-4
     torch.testing.assert_close(g2, 2 * g1)
 

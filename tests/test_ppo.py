@@ -107,7 +107,8 @@ def test_ppo_loss_splits_over_micro_batches():
     logp, old, adv = (torch.randn(4, 5, generator=g) * 0.3 for _ in range(3))
     mask = (torch.rand(4, 5, generator=g) > 0.3).float()
     full = P.ppo_loss(logp, old, adv, mask, 0.2, mask.sum())[0]
-    split = sum(P.ppo_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], 0.2, mask.sum())[0] for i in (0, 2))
+    split = sum(P.ppo_loss(logp[i:i + 2], old[i:i + 2], adv[i:i + 2], mask[i:i + 2], 0.2, mask.sum())[0]
+                for i in (0, 2))
     assert split.item() == pytest.approx(full.item())
 
 

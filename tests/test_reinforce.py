@@ -35,7 +35,8 @@ def test_ema_baseline():
 def test_whiten():
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])
     w = R.whiten(x, x.mean().item(), x.std(unbiased=False).item())
-    assert w.mean().item() == pytest.approx(0.0, abs=1e-6) and w.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
+    assert w.mean().item() == pytest.approx(0.0, abs=1e-6) and \
+        w.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_k1_is_unbiased_for_the_exact_kl():

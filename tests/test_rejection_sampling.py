@@ -33,7 +33,8 @@ def digits(tmp_path_factory, tiny_ckpt):
     data.write_text("".join(json.dumps({"prompt": str(n), "completion": str(n % 10)}) + "\n"
                             for n in rng.sample(range(100, 1000), 200)))
     with pytest.MonkeyPatch.context() as mp:
-        run_script(sft, mp, root, "--model", str(tiny_ckpt), "--task", "jsonl", "--data-path", str(data), "--steps", "30",
+        run_script(sft, mp, root, "--model", str(tiny_ckpt), "--task", "jsonl", "--data-path", str(data),
+                   "--steps", "30",
                    "--batch-size", "16", "--eval-size", "8", "--eval-every", "0", "--max-new-tokens", "4",
                    "--warmup-steps", "2", "--run-name", "warm")
     return root / "runs" / "warm", data
@@ -118,7 +119,8 @@ def test_smoke_and_resume(monkeypatch, tmp_path, digits):
     rounds = [r for r in rows(tmp_path, "full") if "train/kept" in r]
     assert [r["step"] for r in rounds] == [1, 2, 3]
     for r in rounds:
-        assert {"train/acceptance_rate", "train/pass_rate", "train/reward", "train/loss", "perf/gen_seconds"} <= r.keys()
+        assert {"train/acceptance_rate", "train/pass_rate", "train/reward", "train/loss",
+                "perf/gen_seconds"} <= r.keys()
         # keep all without dedup and the 0/1 reward: every sample that passes is kept
         assert r["train/kept"] == round(r["train/pass_rate"] * 8 * 4) and r["train/pass_rate"] <= r["train/reward"]
         assert r["train/opt_steps"] == math.ceil(2 * r["train/kept"] / 4)
@@ -141,7 +143,8 @@ def test_best_keeps_one_per_prompt_and_from_base_reloads(monkeypatch, tmp_path, 
     loads = []
     real = RS.load_model
     monkeypatch.setattr(RS, "load_model", lambda *a: loads.append(a[0]) or real(*a))
-    run_script(RS, monkeypatch, tmp_path, *tiny(digits, "--steps", "2", "--threshold", "0", "--from-base", "--eval-every", "0"))
+    run_script(RS, monkeypatch, tmp_path, *tiny(digits, "--steps", "2", "--threshold", "0", "--from-base",
+                                                "--eval-every", "0"))
     rounds = [r for r in rows(tmp_path, "rejection_sampling") if "train/kept" in r]
     for r in rounds:  # threshold 0 and a 0/1 reward: every prompt with a sample that ended keeps exactly one
         assert r["train/kept"] == round(r["train/acceptance_rate"] * 8) and r["train/acceptance_rate"] > 0
@@ -154,7 +157,8 @@ def test_torchrun_two_processes_equal_one(tmp_path, digits):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     base = [str(ROOT / "rejection_sampling.py"), *tiny(digits, "--steps", "2", "--threshold", "0", "--keep", "all",
                                                       "--temperature", "0", "--eval-every", "0")]
-    one = subprocess.run([sys.executable, *base, "--run-name", "one"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, *base, "--run-name", "one"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     two = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29518", *base, "--run-name", "two"],

@@ -105,17 +105,19 @@ def test_gsm8k_loader(tmp_path):
     args = sft.Args(task="gsm8k", data_path=str(tmp_path), eval_size=2)
     train, evals = sft.load_task(args)
     assert len(train) == 5 and len(evals) == 2
-    assert train[1] == {"prompt": "q1", "completion": "3 + 4 = 7\n#### 1,000", "answer": "1000"}
+    assert train[1] == {"prompt": "q1", "completion": "3 + 4 = 7\n#### 1,000", "answer": "1000",
+                        "where": f"{tmp_path}/train.jsonl:2"}
 
 
 def test_prompt_too_long_is_an_error():
     tok = Tokenizer.byte_level()
-    with pytest.raises(SystemExit, match="example 0: prompt of .* exceeds the model's context of 64"):
+    with pytest.raises(SystemExit, match="eval example 1: prompt of .* exceeds the model's context of 64"):
         sft.tokenize([{"prompt": "x" * 80, "completion": "1", "answer": "1"}], tok, 64, 8, "eval")
 
 
 def test_help_lists_every_field():
-    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, str(ROOT / "sft.py"), "--help"], capture_output=True, text=True,
+                         check=True).stdout
     for f in sft.Args.__dataclass_fields__:
         assert "--" + f.replace("_", "-") in out
     assert "micro-batch" in out and "(default: 16)" in out

@@ -81,7 +81,7 @@ def test_fisher_vector_product_matches_the_explicit_fisher_matrix(micro_batch_si
     F = explicit_fisher(policy, batch)
     n_params = F.shape[0]
     v = torch.randn(n_params, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    Fv = T.fisher_vector_product(policy, batch, int(batch[2].sum()), micro_batch_size, NULL)(v)
+    Fv = T.fisher_vector_product(policy, batch, int(batch[2].sum()), micro_batch_size, NULL, 1.0)(v)
     torch.testing.assert_close(Fv, F @ v, rtol=1e-4, atol=1e-5)  # the logits are taken in float32
     assert (F @ v).norm() > 1e-3  # not trivially zero
 
@@ -90,7 +90,8 @@ def test_natural_gradient_step_meets_the_trust_region():
     """With no damping, the step scaled to ½ sᵀF s = δ has a measured KL close to δ when δ is small
     (the quadratic model of the KL is right to second order), and the line search accepts it."""
     policy, batch = tiny_policy(), tiny_batch()
-    old, theta_old = T.old_vocab_logprobs(policy, batch, 3, NULL), T.parameters_to_vector(policy.parameters()).detach()
+    old, theta_old = T.old_vocab_logprobs(policy, batch, 3, NULL, 1.0), \
+        T.parameters_to_vector(policy.parameters()).detach()
     n_tok, delta = int(batch[2].sum()), 1e-5
     adv = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * batch[2]
     ids, targets, mask = batch
@@ -98,11 +99,11 @@ def test_natural_gradient_step_meets_the_trust_region():
     T.surrogate_loss(policy(ids, targets, mask=mask), old_logp, adv, mask, n_tok).backward()
     g = -T.parameters_to_vector([p.grad for p in policy.parameters()])
     policy.zero_grad(set_to_none=True)
-    fvp = T.fisher_vector_product(policy, batch, n_tok, 3, NULL)
+    fvp = T.fisher_vector_product(policy, batch, n_tok, 3, NULL, 1.0)
     x, r, _ = T.conjugate_gradient(fvp, g, 10)
     s = (2 * delta / (x @ (g - r))).sqrt() * x
     assert (0.5 * s @ fvp(s)).item() == pytest.approx(delta, rel=1e-3)
-    measure = lambda: T.kl_and_gain(policy, old, batch, adv, n_tok, 3, NULL)
+    measure = lambda: T.kl_and_gain(policy, old, batch, adv, n_tok, 3, NULL, 1.0)
     accepted, kl, gain, tries = T.line_search(policy, theta_old, s, measure, 1.5 * delta, 1)
     assert accepted and kl == pytest.approx(delta, rel=0.05) and gain > 0
     assert gain == pytest.approx((g @ s).item(), rel=0.05)  # and the surrogate's gain the linear model's
@@ -110,11 +111,12 @@ def test_natural_gradient_step_meets_the_trust_region():
 
 def test_line_search_rejects_a_step_that_breaks_the_kl_bound():
     policy, batch = tiny_policy(), tiny_batch()
-    old, theta_old = T.old_vocab_logprobs(policy, batch, 3, NULL), T.parameters_to_vector(policy.parameters()).detach()
+    old, theta_old = T.old_vocab_logprobs(policy, batch, 3, NULL, 1.0), \
+        T.parameters_to_vector(policy.parameters()).detach()
     adv = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * batch[2]
     n_tok = int(batch[2].sum())
     step = torch.randn(theta_old.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    measure = lambda: T.kl_and_gain(policy, old, batch, adv, n_tok, 3, NULL)
+    measure = lambda: T.kl_and_gain(policy, old, batch, adv, n_tok, 3, NULL, 1.0)
     T.vector_to_parameters(theta_old + step, policy.parameters())
     assert measure()[0] > 0.1  # this step moves the policy a lot
     accepted, kl, gain, tries = T.line_search(policy, theta_old, step, measure, 1e-3, 3)  # and so do 1/2 and 1/4 of it
@@ -145,8 +147,10 @@ def test_smoke_and_resume_and_the_kl_bound(monkeypatch, tmp_path, tiny_ckpt):
     assert [r["step"] for r in train] == [1, 2, 3]
     for r in train:
         assert {"train/kl_step", "train/step_accepted", "train/line_search_steps", "train/cg_residual", "perf/fvps",
-                "train/step_cos_gradient", "train/value_loss", "train/explained_variance", "train/entropy", "train/kl"} <= r.keys()
-        assert 0 <= r["train/kl_step"] <= r["train/max_kl"] and r["perf/fvps"] <= 4 and -1 <= r["train/step_cos_gradient"] <= 1
+                "train/step_cos_gradient", "train/value_loss", "train/explained_variance", "train/entropy",
+                "train/kl"} <= r.keys()
+        assert 0 <= r["train/kl_step"] <= r["train/max_kl"] and r["perf/fvps"] <= 4 and \
+            -1 <= r["train/step_cos_gradient"] <= 1
         lr_t = T.lr_at(r["step"] - 1, T.Args(steps=3, warmup_steps=1))  # δ_t = δ (lr_t / lr)²
         assert r["train/max_kl"] == pytest.approx(0.005 * (lr_t / T.Args.lr) ** 2, abs=1e-6)
     assert sum(r["train/step_accepted"] for r in train) >= 1 and max(r["train/kl_step"] for r in train) > 0

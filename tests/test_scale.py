@@ -1,0 +1,139 @@
+"""Scaling flags: --grad-checkpoint changes nothing but memory, --compile is CUDA only (one clear error here),
+--track mirrors metrics.jsonl, and --fsdp under torchrun ends where plain data parallel ends, saves a Hugging Face
+checkpoint and resumes."""
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import dpo  # noqa: E402
+import grpo  # noqa: E402
+import sft  # noqa: E402
+from conftest import run_script  # noqa: E402
+from model import GPT, read_safetensors  # noqa: E402
+
+SFT = ["--train-size", "64", "--eval-size", "8", "--batch-size", "8", "--micro-batch-size", "4",
+       "--max-new-tokens", "40", "--eval-every", "0", "--warmup-steps", "2"]
+GRPO = ["--batch-size", "2", "--group-size", "3", "--micro-batch-size", "4", "--max-new-tokens", "12",
+        "--eval-size", "4", "--train-size", "16", "--eval-every", "0", "--warmup-steps", "1"]
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_records(run_dir):  # a cut run also logs its final evaluation at the cut
+    return [r for r in records(run_dir) if "train/loss" in r]
+
+
+def assert_same_run(a, b, tol=1e-4):
+    """The same losses and gradient norms at every step, and the same final weights (to float tolerance: Adam
+    divides by sqrt(v), which amplifies summation-order noise in near-zero gradients)."""
+    for ra, rb in zip(train_records(a), train_records(b), strict=True):
+        for k in ("train/loss", "train/grad_norm", "train/reward"):
+            if k in ra:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["step"])
+    wa, wb = read_safetensors(a / "model.safetensors"), read_safetensors(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("script", ["sft", "grpo"])
+def test_grad_checkpoint_changes_nothing_but_memory(monkeypatch, tmp_path, tiny_ckpt, script):
+    module, flags = (sft, SFT) if script == "sft" else (grpo, ["--model", str(tiny_ckpt), *GRPO])
+    for name, extra in (("plain", []), ("ckpt", ["--grad-checkpoint"])):
+        run_script(module, monkeypatch, tmp_path, "--steps", "2", *flags, "--run-name", name, *extra)
+    assert_same_run(tmp_path / "runs/plain", tmp_path / "runs/ckpt", tol=1e-6)
+
+
+def test_compile_on_cpu_is_one_error_before_any_work(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^error: --compile needs CUDA"):
+        run_script(sft, monkeypatch, tmp_path, "--device", "cpu", "--compile", *SFT)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_fsdp_needs_torchrun_and_the_scripts_without_it_refuse(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit, match=r"^error: --fsdp shards the model over the processes of torchrun"):
+        run_script(sft, monkeypatch, tmp_path, "--fsdp", *SFT)
+    with pytest.raises(SystemExit, match=r"^error: --fsdp: not in dpo.py yet"):
+        run_script(dpo, monkeypatch, tmp_path, "--fsdp")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_track_tensorboard_mirrors_metrics_jsonl(monkeypatch, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_script(sft, monkeypatch, tmp_path, "--steps", "2", *SFT, "--track", "tensorboard")
+    run_dir = tmp_path / "runs/sft"
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run_dir)).Reload()
+    logged = records(run_dir)
+    assert set(events.Tags()["scalars"]) == {k for r in logged for k in r if k != "step"}
+    for r in logged:
+        for k, v in r.items():
+            if k != "step":
+                got = {e.step: e.value for e in events.Scalars(k)}
+                assert got[r["step"]] == pytest.approx(v, rel=1e-5, abs=1e-6)
+
+
+def test_track_without_the_package_is_one_error(monkeypatch, tmp_path):
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name))
+                        if name == "wandb" else real(name))
+    with pytest.raises(SystemExit, match=r"^error: --track wandb: the wandb package is not installed"):
+        run_script(sft, monkeypatch, tmp_path, "--steps", "1", *SFT, "--track", "wandb")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed")
+def test_track_wandb_offline_logs_the_same_names(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline by default: no network, no account
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_script(sft, monkeypatch, tmp_path, "--steps", "2", *SFT, "--track", "wandb")
+    logs = list((tmp_path / "runs/sft/wandb").glob("offline-run-*/*.wandb"))
+    assert len(logs) == 1  # wandb's own record of the run (uploaded later with `wandb sync`)
+    names = {k for line in (tmp_path / "runs/sft/metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
+    data = logs[0].read_bytes()
+    assert all(name.encode() in data for name in names - {"step"})  # every metric, under its own name
+
+
+def launch(tmp_path, nproc, *argv, port=29541):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={port}", *argv] if nproc else [sys.executable, *argv]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+def test_sft_fsdp_equals_one_process_saves_and_resumes(tmp_path):
+    base = [str(ROOT / "sft.py"), "--steps", "2", "--save-every", "1", *SFT]
+    launch(tmp_path, 0, *base, "--run-name", "one")
+    launch(tmp_path, 2, *base, "--run-name", "fsdp", "--fsdp")
+    assert_same_run(tmp_path / "runs/one", tmp_path / "runs/fsdp")
+    saved = GPT.from_pretrained(str(tmp_path / "runs/fsdp"))  # a plain Hugging Face checkpoint
+    assert saved.lm_head.weight is saved.transformer.wte.weight  # tied, as it was
+    state = torch.load(tmp_path / "runs/fsdp/trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and len(state["optimizer"]["state"]) == len(list(saved.parameters()))
+    # cut after step 1 (under --fsdp), then resume under --fsdp: the same end as the uninterrupted run
+    launch(tmp_path, 2, *base[:2], "1", *base[3:], "--run-name", "cut", "--fsdp", port=29542)
+    launch(tmp_path, 2, *base, "--run-name", "cut", "--fsdp", "--resume", port=29543)
+    assert_same_run(tmp_path / "runs/fsdp", tmp_path / "runs/cut")
+
+
+def test_grpo_fsdp_equals_data_parallel(tmp_path, tiny_ckpt):
+    """The rollout seed depends on the rank: compare 2 ranks with --fsdp (and --grad-checkpoint) to 2 without."""
+    base = [str(ROOT / "grpo.py"), "--model", str(tiny_ckpt), "--steps", "2", "--mu", "2", *GRPO]
+    launch(tmp_path, 2, *base, "--run-name", "ddp", port=29544)
+    launch(tmp_path, 2, *base, "--run-name", "fsdp", "--fsdp", "--grad-checkpoint", port=29545)
+    assert_same_run(tmp_path / "runs/ddp", tmp_path / "runs/fsdp")
