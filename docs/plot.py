@@ -29,7 +29,8 @@ def svg(curves, metric, width=720, height=400, pad=56):
     ymin, ymax = 0.0, 1.0
     sx = lambda x: pad + (width - 2 * pad) * x / xmax
     sy = lambda y: height - pad - (height - 2 * pad) * (y - ymin) / (ymax - ymin)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
            f'<rect width="{width}" height="{height}" fill="white"/>']
     for i in range(6):  # y grid
         y = ymin + (ymax - ymin) * i / 5
@@ -39,7 +40,8 @@ def svg(curves, metric, width=720, height=400, pad=56):
         x = xmax * i / 5
         out.append(f'<text x="{sx(x):.1f}" y="{height - pad + 18}" text-anchor="middle">{x:.0f}</text>')
     out.append(f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">optimizer step</text>')
-    out.append(f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" text-anchor="middle">{metric}</text>')
+    out.append(f'<text x="16" y="{height / 2}" transform="rotate(-90 16 {height / 2})" '
+               f'text-anchor="middle">{metric}</text>')
     for k, (name, pts) in enumerate(curves.items()):
         color = COLORS[k % len(COLORS)]
         path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for j, (x, y) in enumerate(pts))
