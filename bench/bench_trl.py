@@ -57,6 +57,7 @@ NOT_EQUAL = [
     "on both sides and the schedule is constant (TRL) vs warmup 0 + cosine (ours): no effect on time",
     "data order: TRL gets exactly the examples our run sees, but its sampler shuffles them into other batches",
     "our scripts evaluate --eval-size 1 before and after training (outside the timed steps, inside peak RSS)",
+    "activation checkpointing is off on both sides (TRL 1.16's configs turn it on by default)",
 ]
 
 
@@ -145,7 +146,8 @@ def child_trl(algo, cfg):
             stamps.append(time.perf_counter())
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=cfg["steps"] + 1, logging_steps=1, save_strategy="no",
                   report_to="none", use_cpu=True, bf16=False, fp16=False, seed=0, disable_tqdm=True,
-                  lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, dataloader_num_workers=0)
+                  lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, dataloader_num_workers=0,
+                  gradient_checkpointing=False)  # TRL's configs default to True; ours to off: both off here
     examples = cfg["examples"]
     same_ids = all(hf_tok(text(ex["prompt_ids"]), add_special_tokens=False)["input_ids"] == ex["prompt_ids"]
                    for ex in examples)
