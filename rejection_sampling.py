@@ -456,7 +456,8 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                     (lambda v: v > 0, "> 0")),
     # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
     "temperature": (lambda v: v > 0 or v == 0 and "sequence_logprobs" not in globals(), "> 0"),
-    **dict.fromkeys(["top_p", "ema_decay", "gamma", "lam"], (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    **dict.fromkeys(["ema_decay", "gamma", "lam"], (lambda v: 0 <= v <= 1, "in [0, 1]")),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     **dict.fromkeys(["clip_low", "label_smoothing"], (lambda v: 0 <= v < 0.5, "in [0, 0.5)")),
     "clip_high": (lambda v: v >= 0, ">= 0"),
 }
@@ -484,8 +485,6 @@ def parse_args(cls=Args):
         v, (test, what) = getattr(args, f.name), RULES.get(f.name, (lambda v: True, ""))
         if f.type in (int, float) and not (math.isfinite(v) and test(v)):
             parser.error(f"--{f.name.replace('_', '-')} {v}: must be {what or 'a finite number'}")
-    if args.top_p == 0 if hasattr(args, "top_p") else False:
-        parser.error("--top-p 0 keeps no token: use a value in (0, 1]")
     return args
 
 
