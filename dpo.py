@@ -20,38 +20,27 @@ Choices made here where the literature differs:
      The sampling of the pairs and the reference pass are split over ranks and gathered.
   5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
      where the uninterrupted run ends. Offline: the pairs are fixed for the whole run.
-  6. Pairs (--task). arith (default), gsm8k: --group-size k samples of each prompt from the starting
-     model (--temperature, seeded), scored by reward_fn; up to --pairs-per-prompt pairs a prompt,
-     each rejected a different one of the distinct lowest-reward samples, its chosen a random
-     highest-reward one; a prompt whose k rewards all tie gives none (logged as
-     data/skipped_*_prompts). Held-out pairs come from the --eval-size eval prompts. hh: Anthropic
-     HH-RLHF dialogues, the prompt up to the last "\\n\\nAssistant:" (the same in both, else skipped
-     and counted), raw text for every model. jsonl: {"prompt", "chosen", "rejected"} lines. hh and
-     jsonl hold out the last --eval-size pairs. A pair over --max-len tokens is cut: each completion
-     to --max-len / 2, then the prompt from the left.
-  7. The reference is the starting model; its summed log-probs of every chosen and rejected
-     completion are computed once before training (no grad) and kept, and the model is freed.
-  8. Loss (--loss), h = log π_θ/π_ref(y_w) − log π_θ/π_ref(y_l): sigmoid (DPO; --label-smoothing ε >
-     0 is conservative DPO); robust (rDPO, Chowdhury et al., arXiv 2403.00409: unbiased under label
-     flips at rate ε); ipo ((h − 1/(2β))², Azar et al., arXiv 2310.12036); hinge (max(0, 1 − βh),
-     SLiC). --length-norm divides each log-ratio by the completion's length in tokens (the mean
-     per-token log-ratio); --loss ipo uses length-normalised log-ratios by default, as the IPO paper
-     and TRL do. --rpo-alpha α adds α times the NLL of the chosen completions (RPO, Pang et al.,
-     arXiv 2404.19733) against the fall of the chosen log-probs. Defaults β = 0.01, α = 4 (Rafailov
-     et al.: β = 0.1 and no NLL term; why: docs/experiments.md#dpo).
-  9. Logged: implicit rewards β·log π_θ/π_ref of chosen and rejected, their margin, preference
-     accuracy (margin > 0, a tie counts 1/2, so the starting model scores 0.5), the policy's own
-     log-probs and how often it alone prefers the chosen (logp_accuracy); the same on the held-out
-     pairs, and held-out task accuracy (greedy) where the task has a reward.
+  6. Pairs (--task). arith, gsm8k: k samples of each prompt from the starting model, scored by
+     reward_fn; up to --pairs-per-prompt pairs a prompt, each a random highest-reward sample against a
+     different one of the distinct lowest-reward ones; a prompt whose rewards all tie gives none. hh:
+     Anthropic HH-RLHF, the prompt up to the last "\\n\\nAssistant:" (the same in both, else skipped).
+     jsonl: {"prompt", "chosen", "rejected"} lines. A pair over --max-len tokens is cut: each
+     completion to --max-len / 2, then the prompt from the left.
+  7. The reference's log-probs of every completion are computed once before training and kept (the
+     reference whole on every rank, also under --fsdp, then freed).
+  8. --loss, h = log π_θ/π_ref(y_w) − log π_θ/π_ref(y_l): sigmoid (DPO; --label-smoothing: cDPO),
+     robust (rDPO, arXiv 2403.00409), ipo ((h − 1/(2β))², arXiv 2310.12036, with length-normalised
+     log-ratios by default, as its paper and TRL), hinge (max(0, 1 − βh), SLiC). --rpo-alpha α adds α
+     times the chosen completions' NLL (RPO, arXiv 2404.19733). Defaults β = 0.01, α = 4 (Rafailov
+     et al.: β = 0.1, no NLL; why: docs/experiments.md#dpo).
+  9. Logged: implicit rewards β·log π_θ/π_ref, their margin, preference accuracy (a tie counts 1/2),
+     the policy's log-probs and logp_accuracy; the same held out, and the task's greedy accuracy.
 
 Run:
-  python sft.py && python dpo.py                                         # tiny model, `arith`, CPU
-  python dpo.py --task hh --eval-size 300 --max-len 256 --steps 150 --beta 0.1 --rpo-alpha 0 \\
-      --lr 1e-4                                                           # HH, tiny model
-  python dpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task hh --eval-size 500 --lr 5e-7 \\
-      --beta 0.1 --rpo-alpha 0 --batch-size 64 --micro-batch-size 8 --steps 300 \\
-      --max-len 1024                                                      # one GPU, bf16
-  torchrun --nproc_per_node=2 dpo.py                                     # data parallel
+  python sft.py && python dpo.py                        # tiny model, `arith`, CPU
+  python dpo.py --task hh --max-len 256 --rpo-alpha 0   # HH-RLHF pairs, tiny model
+  bash docs/smollm2.sh dpo                              # real weights (SmolLM2-135M-Instruct), CPU
+  torchrun --nproc_per_node=2 dpo.py                    # data parallel
 """
 
 import argparse
@@ -176,7 +165,7 @@ def shard_map(fn, items):
 
 
 def sample_pairs(model, tok, examples, args, amp):
-    """Pairs {"prompt_ids", "chosen_ids", "rejected_ids", "index"} made by sampling `model` (choice 1 of
+    """Pairs {"prompt_ids", "chosen_ids", "rejected_ids", "index"} made by sampling `model` (choice 6 of
     the docstring), --batch-size prompts per call; returns the pairs and the number of prompts skipped."""
     chunks = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
 
@@ -257,12 +246,13 @@ def collate_pairs(pairs, pad_id, device):
 @torch.no_grad()
 def pair_logps(model, tok, pairs, args, amp):
     """Summed log-probs (N, 2) of each pair's chosen and rejected completion, --micro-batch-size pairs at a
-    time, split over ranks."""
+    time, split over ranks (under --fsdp each rank holds the whole model for it)."""
     def chunk(i):
         batch = collate_pairs(pairs[i:i + args.micro_batch_size], tok.pad_id, model.lm_head.weight.device)
         return sequence_logprobs(model, batch, 2 * args.micro_batch_size, amp).sum(1).view(2, -1).T.tolist()
     starts = list(range(0, len(pairs), args.micro_batch_size))
-    return torch.tensor([lp for part in shard_map(chunk, starts) for lp in part])
+    with gathered(model):
+        return torch.tensor([lp for part in shard_map(chunk, starts) for lp in part])
 
 
 def log_ratios(pi, ref, lengths, length_norm):
@@ -369,8 +359,6 @@ def dpo_step(model, opt, batch, tok, args, step, run_dir, amp):
 
 def main():
     args = parse_args()
-    if args.fsdp:
-        raise SystemExit("error: --fsdp: not in dpo.py yet (sft.py, grpo.py and reinforce.py have it)")
     rank, world, device = setup(args)
     per_rank = args.batch_size // world
     if per_rank * world != args.batch_size or per_rank % min(per_rank, args.micro_batch_size):
@@ -382,8 +370,8 @@ def main():
         raise SystemExit(f"error: --beta {args.beta}: DPO needs β > 0")
     run_dir, start, state = open_run(args)
     model, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
-    ref = load_model(args.model, device, args.seed)[0].requires_grad_(False)
-    model, ref = prepare(model, args), prepare(ref, args, trained=False)
+    ref = load_model(args.model, device, args.seed)[0].requires_grad_(False)  # whole on every rank; freed below
+    model = prepare(model, args)
     amp = autocast(device)
     t0 = time.time()
     train, evals, examples, skipped = load_pairs(args, ref, tok, amp)

@@ -1,64 +1,58 @@
 """
-grape.py: GRAPE, grpo.py with rubric rewards: checked and judged items per category, each item's
-weight its importance times the critic's confidence, then group-relative advantages and the clip.
+grape.py: GRAPE, grpo.py with rubric rewards: checked and judged items per category, each item's weight
+its importance times the critic's confidence, then group-relative advantages and the clip.
 
-Generalized Relative Advantage Policy Evolution, the direction proposed in the final section of
-Patel, arXiv 2509.04501 (related: "Rubrics as Rewards", arXiv 2507.17746). Every prompt x has a
-category c(x) and every category a rubric: items k of importance λ_k, each *checked* (a program:
-answer right, format followed ...) or *judged* (a critic model answers the item's question about the
-completion), giving completion y_i a score s_ik ∈ [0, 1] and a confidence c_ik ∈ [0, 1]. The reward
-is their confidence-weighted mean; the rest is grpo.py:
+Generalized Relative Advantage Policy Evolution, the direction proposed in the final section of Patel,
+arXiv 2509.04501 (related: "Rubrics as Rewards", arXiv 2507.17746). Every prompt x has a category c(x),
+every category a rubric: items k of importance λ_k, each *checked* (a program: answer right, format ...)
+or *judged* (a critic model answers the item's question about the completion), giving completion y_i a
+score s_ik ∈ [0, 1] and a confidence c_ik ∈ [0, 1]. The reward is their confidence-weighted mean; the
+rest is grpo.py:
 
     r_i = Σ_k w_k s_ik / Σ_k w_k over the items k of c(x),   w_k = λ_k · mean_j c_jk (j: the batch)
-    J(θ) = E_x E_{y_1..y_G ~ π_old} [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i)
-                                      − β D_KL(π_θ ‖ π_ref) ],
-    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),
-    A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
-
-where agg_t is the paper's 1/|y_i| Σ_t (choice 3) and the KL is estimated per token (choice 2).
+    J(θ) = E [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i) − β KL_t(π_θ ‖ π_ref) ],
+    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),   A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
 
 Choices made here where the literature differs:
-  1, 3, 4. As grpo.py: the advantage, the loss aggregation, the μ updates and the clip.
-  2. KL: per token, in the loss with weight β and aggregated like the surrogate (the paper). The
-     default k3 = π_ref/π_θ − log(π_ref/π_θ) − 1 (≥ 0) in the loss follows, in expectation, the
-     gradient of KL(π_ref ‖ π_θ), the reverse direction, as in DeepSeekMath and TRL; k2 = ½
-     log²(π_θ/π_ref) (--kl-estimator k2) follows that of KL(π_θ ‖ π_ref); k1 = log(π_θ/π_ref) in the
-     loss has an expected gradient of exactly zero (it only adds noise), so --kl-estimator k1
-     --kl-in loss is refused. --kl-in reward subtracts β Σ_t k from the reward before the advantages
-     instead (as reinforce.py). With β = 0 no reference model is loaded.
+  1. Advantage: the group's mean subtracted and its std (unbiased, as TRL and verl) divided out;
+     --scale-rewards none (Dr. GRPO) or batch (the batch's std). An all-equal group has advantage 0.
+  2. KL per token in the loss, weight β, aggregated like the surrogate. k3 (default) follows in
+     expectation the gradient of KL(π_ref ‖ π_θ), as DeepSeekMath and TRL; k2 that of KL(π_θ ‖ π_ref);
+     k1 in the loss has zero expected gradient and is refused. --kl-in reward: β Σ_t k off the reward.
+  3. --loss-agg: seq-mean-token-mean (the paper), token-mean (DAPO), seq-mean-token-sum-norm (Dr.
+     GRPO: / --max-new-tokens); the normalisers count the whole batch over every rank.
+  4. μ updates a batch, each one optimizer step on all of it; log π_old is the first update's own
+     forward, detached, so μ = 1 is the on-policy gradient. ε_low 0.2, ε_high 0.28 (DAPO's clip-higher).
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
      the same T, recomputed by the training forward pass (never the sampler's numbers); here those
      of the policy, the old policy π_old and the reference.
-  6. Truncated completions (no EOS within --max-new-tokens) keep their reward (a failure) unless
-     --mask-truncated drops them from the loss (DAPO's overlong filtering); they still count in
-     their group's statistics.
-  7. Rubric (this and 8-12: the paper leaves them open): JSON {category: [items]} (--rubric;
-     DEFAULT_RUBRIC otherwise). An item is {"name", "kind": "checked" | "judged", "weight": λ > 0}
-     plus "check" (one of CHECKS: score 0 or 1, confidence 1) or "question". An example's category
-     is its "category" field, else --category.
-  8. Judged items: the local critic (the frozen reference, or --judge-model) reads, in one forward
-     pass, the next-token probabilities of "yes" / "no" after the problem, the completion and the
-     question: s = P(yes) / (P(yes) + P(no)), c = |2s − 1|. Over HTTP (--judge-url, OpenAI chat
-     completions) it replies {"score", "confidence", "reason"} (outside [0, 1]: an error; retried).
-  9. c measures how decisive the critic is, not whether it is right: a critic sure and wrong gets
-     full weight. w_k averages c over the batch's completions in the item's category, over all
-     ranks, so an item the critic cannot judge counts less this step. (With --scale-rewards group, a
-     group whose checked items all tie is ranked by its judged scores alone, at full scale.)
-  10. Reward hacking: the completion is pasted into the critic's prompt, so the policy can learn
-     text that sways the critic ("this is correct, answer yes"). Keep checked items heavy, read
-     samples, and distrust a judged rubric/<name>/score that rises while eval/accuracy does not.
-  11. --per-item-advantages (beyond the paper): each item's scores get grpo.py's group advantages of
-     their own, then A_i = Σ_k w_k A_ik / Σ_k w_k, so an item with a small spread is not drowned.
-  12. Logged: rubric/<name>/score, /confidence (batch means) and /weight; every evaluation adds
-     eval/rubric/<name>, the held-out mean of each checked item on the greedy completions.
+  6. Truncated completions (no EOS) keep their reward (a failure) unless --mask-truncated drops them
+     from the loss (DAPO); they still count in their group's statistics.
+  7. Rubric (this and 8-12: the paper leaves them open): JSON {category: [items]} (--rubric, else
+     DEFAULT_RUBRIC). An item: {"name", "kind": "checked" | "judged", "weight": λ > 0} plus "check" (one
+     of CHECKS: score 0 or 1, confidence 1) or "question". Category: the example's "category", else
+     --category.
+  8. Judged items: the local critic (the frozen reference, or --judge-model) reads in one forward pass
+     P(yes), P(no) after the problem, the completion and the question: s = P(yes) / (P(yes) + P(no)),
+     c = |2s − 1|. Over HTTP (--judge-url, OpenAI chat completions) it replies {"score", "confidence",
+     "reason"} (outside [0, 1]: an error; retried).
+  9. c is how decisive the critic is, not whether it is right. w_k averages c over the batch's
+     completions in the item's category, over all ranks: an item the critic cannot judge counts less.
+  10. Reward hacking: the completion is pasted into the critic's prompt, so the policy can learn text
+     that sways it. Keep checked items heavy, read samples, and distrust a judged score that rises
+     while eval/accuracy does not.
+  11. --per-item-advantages (beyond the paper): each item's scores get grpo.py's group advantages,
+     then A_i = Σ_k w_k A_ik / Σ_k w_k, so an item with a small spread is not drowned.
+  12. Logged: rubric/<name>/score, /confidence, /weight; every evaluation adds eval/rubric/<name>, the
+     held-out mean of each checked item on the greedy completions.
 
 Run:
-  python sft.py && python grape.py                                       # tiny model, `arith`, CPU
-  python grape.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-6 \\
-      --batch-size 32 --micro-batch-size 16 --max-new-tokens 256 \\
-      --judge-url http://localhost:8000/v1 --judge-name Qwen/Qwen2.5-7B-Instruct   # vLLM critic
-  torchrun --nproc_per_node=2 grape.py                                   # data parallel
+  python sft.py && python grape.py                      # tiny model, `arith`, CPU
+  python grape.py --judge-url http://localhost:8000/v1 \\
+      --judge-name Qwen/Qwen2.5-7B-Instruct             # an external judge (vLLM)
+  bash docs/smollm2.sh grape                            # real weights (SmolLM2-135M-Instruct), CPU
+  torchrun --nproc_per_node=2 grape.py                  # data parallel
 """
 
 import argparse
@@ -496,7 +490,8 @@ def evaluate_rubric(model, tok, examples, args, amp, items):
 def main():
     args = parse_args()
     if args.fsdp:
-        raise SystemExit("error: --fsdp: not in grape.py yet (sft.py, grpo.py and reinforce.py have it)")
+        raise SystemExit("error: --fsdp: not in grape.py yet (sft.py, rejection_sampling.py, dpo.py, reinforce.py "
+                         "and grpo.py have it)")
     rank, world, device = setup(args)
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)

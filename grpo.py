@@ -1,54 +1,35 @@
 """
-grpo.py: Group Relative Policy Optimization: G samples per prompt, group-relative advantages, a
-clipped importance ratio and a KL penalty to the reference model.
+grpo.py: Group Relative Policy Optimization: group-relative advantages, a clipped ratio, a KL penalty.
 
-Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300), with the options of Dr. GRPO (Liu et al., arXiv
-2503.20783) and DAPO (Yu et al., arXiv 2503.14476); the exposition follows Patel, arXiv 2509.04501.
-Sample G completions y_1..y_G of each prompt x from the policy π_old that is about to be updated,
-score them, give every token of y_i the advantage of its group, and take μ clipped steps:
+Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300), with the options of Dr. GRPO (arXiv 2503.20783) and
+DAPO (arXiv 2503.14476); the exposition follows Patel, arXiv 2509.04501. Sample G completions of each
+prompt x from the policy π_old about to be updated, give every token of y_i its group's advantage, and
+take μ clipped steps on
 
-    J(θ) = E_x E_{y_1..y_G ~ π_old} [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i)
-                                      − β D_KL(π_θ ‖ π_ref) ],
-    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),
-    A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
-
-where agg_t is the paper's 1/|y_i| Σ_t (choice 3) and the KL is estimated per token (choice 2).
+    J(θ) = E [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i) − β KL_t(π_θ ‖ π_ref) ],
+    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),   A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
 
 Choices made here where the literature differs:
-  1. Advantage: the group's mean subtracted and its std (unbiased, as TRL and verl) divided out, the
-     same for every token of a completion (outcome reward). --scale-rewards none skips the division
-     (Dr. GRPO: it up-weights groups that are nearly all right or all wrong); batch divides by the
-     std of the batch's rewards instead. A group whose rewards are all equal has zero advantage.
-  2. KL: per token, in the loss with weight β and aggregated like the surrogate (the paper). The
-     default k3 = π_ref/π_θ − log(π_ref/π_θ) − 1 (≥ 0) in the loss follows, in expectation, the
-     gradient of KL(π_ref ‖ π_θ), the reverse direction, as in DeepSeekMath and TRL; k2 = ½
-     log²(π_θ/π_ref) (--kl-estimator k2) follows that of KL(π_θ ‖ π_ref); k1 = log(π_θ/π_ref) in the
-     loss has an expected gradient of exactly zero (it only adds noise), so --kl-estimator k1
-     --kl-in loss is refused. --kl-in reward subtracts β Σ_t k from the reward before the advantages
-     instead (as reinforce.py). With β = 0 no reference model is loaded.
-  3. Loss aggregation (--loss-agg): seq-mean-token-mean, the mean over each completion's tokens then
-     over completions (the paper); token-mean, the mean over all tokens of the batch (DAPO);
-     seq-mean-token-sum-norm, each completion's token sum divided by the constant --max-new-tokens,
-     then the mean over completions (Dr. GRPO). The normalisers count the whole batch over every
-     rank, so micro-batching and data parallelism do not change the gradient.
-  4. μ updates on each batch, each one optimizer step over the whole batch (no minibatches); log
-     π_old comes from a no-grad pass before them, so with μ = 1 the ratio is 1 and the gradient is
-     the on-policy policy gradient; the clip binds from the second update on. The clip range is
-     asymmetric, ε_low = 0.2, ε_high = 0.28 (DAPO's clip-higher: more room to raise unlikely
-     tokens).
+  1. Advantage: the group's mean subtracted and its std (unbiased, as TRL and verl) divided out;
+     --scale-rewards none (Dr. GRPO) or batch (the batch's std). An all-equal group has advantage 0.
+  2. KL per token in the loss, weight β, aggregated like the surrogate. k3 (default) follows in
+     expectation the gradient of KL(π_ref ‖ π_θ), as DeepSeekMath and TRL; k2 that of KL(π_θ ‖ π_ref);
+     k1 in the loss has zero expected gradient and is refused. --kl-in reward: β Σ_t k off the reward.
+  3. --loss-agg: seq-mean-token-mean (the paper), token-mean (DAPO), seq-mean-token-sum-norm (Dr.
+     GRPO: / --max-new-tokens); the normalisers count the whole batch over every rank.
+  4. μ updates a batch, each one optimizer step on all of it; log π_old is the first update's own
+     forward, detached, so μ = 1 is the on-policy gradient. ε_low 0.2, ε_high 0.28 (DAPO's clip-higher).
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
      the same T, recomputed by the training forward pass (never the sampler's numbers); here those
      of the policy, the old policy π_old and the reference.
-  6. Truncated completions (no EOS within --max-new-tokens) keep their reward (a failure) unless
-     --mask-truncated drops them from the loss (DAPO's overlong filtering); they still count in
-     their group's statistics.
+  6. Truncated completions (no EOS) keep their reward (a failure) unless --mask-truncated drops them
+     from the loss (DAPO); they still count in their group's statistics.
 
 Run:
-  python sft.py && python grpo.py                                        # tiny model, `arith`, CPU
-  python grpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-6 \\
-      --batch-size 32 --micro-batch-size 16 --max-new-tokens 256          # one GPU, bf16
-  torchrun --nproc_per_node=2 grpo.py                                    # data parallel
+  python sft.py && python grpo.py                       # tiny model, `arith`, CPU
+  bash docs/smollm2.sh grpo                             # real weights (SmolLM2-135M-Instruct), CPU
+  torchrun --nproc_per_node=2 grpo.py                   # data parallel
 """
 
 import argparse

@@ -1,53 +1,43 @@
 """
 ppo.py: proximal policy optimization with a learned value function (actor-critic), as in RLHF.
 
-Schulman et al. 2017 (PPO, arXiv 1707.06347) with generalized advantage estimation (Schulman et al.,
-arXiv 1506.02438), in the RLHF recipe of Ouyang et al. 2022 (arXiv 2203.02155) as Huang et al. 2024
-spell it out ("The N+ Implementation Details of RLHF with PPO", arXiv 2403.17031); the exposition
-follows Patel, arXiv 2509.04501. Sample completions y of prompts x from the policy π_old, give every
-completion token t a reward, estimate its advantage A_t with a critic V, then take K epochs of
-clipped steps over mini-batches of the batch:
+Schulman et al. 2017 (PPO, arXiv 1707.06347) with GAE (arXiv 1506.02438), in the RLHF recipe of Ouyang
+et al. 2022 (arXiv 2203.02155) as Huang et al. 2024 spell it out (arXiv 2403.17031); the exposition
+follows Patel, arXiv 2509.04501. Sample completions y of prompts x from π_old, give every completion
+token a reward, estimate its advantage with a critic V, then take K epochs of clipped steps over
+mini-batches:
 
     max_θ E_t [ min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t) ], ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t)
     r_t = −β (log π_old(y_t | s_t) − log π_ref(y_t | s_t)) + [t = last] r(x, y),   s_t = (x, y_<t),
     A_t = Σ_l (γλ)^l δ_t+l,   δ_t = r_t + γ V(s_t+1) − V(s_t)   (GAE; V is regressed on A + V_old)
 
 Choices made here where the literature differs:
-  1. Critic: a second copy of the starting checkpoint with a scalar head on its final hidden state
-     (zero-initialised, so V = 0 at first); its own parameters, AdamW and peak learning rate
-     (--critic-lr, same warmup and cosine schedule). V(s_t) is read at the position that predicts
-     y_t.
-  2. Reward: per token −β k1 against the frozen reference on every completion token, the score r(x,
-     y) added at the last token (the EOS when there is one); --no-eos-penalty is subtracted from the
-     score of a completion that ran out of tokens without EOS. β fixed, or adapted towards
-     --kl-target (Ziegler et al. 2019, arXiv 1909.08593).
-  3. GAE with γ = 1, λ = 0.95. The episode ends at the last completion token (a truncated completion
-     is not bootstrapped); returns R_t = A_t + V_old(s_t). Advantages are whitened once per batch
-     over all its completion tokens (every rank), not per mini-batch.
-  4. Policy loss: −min(ρ A, clip(ρ, 1 − ε, 1 + ε) A) averaged over the mini-batch's completion
-     tokens (normalised by their count over all ranks, so micro-batching and ranks do not change
-     it). No entropy bonus.
+  1. Critic: a copy of the starting checkpoint with a zero-initialised scalar head (V = 0 at first),
+     its own AdamW and --critic-lr; V(s_t) is read at the position that predicts y_t.
+  2. Reward: −β k1 to the frozen reference on every completion token, r(x, y) at the last one;
+     --no-eos-penalty off the score of a completion without EOS. β fixed, or adapted to --kl-target
+     (Ziegler et al. 2019, arXiv 1909.08593).
+  3. GAE with γ = 1, λ = 0.95; a truncated completion is not bootstrapped; returns R_t = A_t + V_old.
+     Advantages whitened once per batch over all its completion tokens and ranks.
+  4. Policy loss averaged over the mini-batch's completion tokens (counted over all ranks). No
+     entropy bonus.
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
      the same T, recomputed by the training forward pass (never the sampler's numbers); here those
      of the policy, the old policy π_old and the reference.
   6. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
-  7. Updates: --epochs passes over each batch in --mini-batches shuffled mini-batches (shuffled by
-     seed, step, epoch and rank), one optimizer step per mini-batch. Policy and critic are separate
-     networks with separate optimizers, so their updates do not interact: the policy's epochs run
-     first, then the critic's over the same mini-batches (the same as interleaving them).
-  8. Logged: approx_kl is the k3 estimate (ρ − 1) − log ρ of KL(π_old ‖ π_θ) on the sampled tokens
-     and clipfrac the fraction of tokens with |ρ − 1| > ε, both averaged over the epochs; explained
-     variance 1 − Var(R − V_old) / Var(R); train/kl is KL(π_old ‖ π_ref), Σ_t k1 per sequence.
-  9. One completion for each of 64 prompts per step, as in RLHF: the critic, not a group of samples,
-     is the baseline, so distinct prompts give more information than repeated ones.
+  7. --epochs passes over each batch in --mini-batches shuffled mini-batches, one optimizer step
+     each; the policy's epochs first, then the critic's over the same mini-batches (separate
+     networks and optimizers: the same as interleaving them).
+  8. Logged: approx_kl, the k3 estimate of KL(π_old ‖ π_θ), and clipfrac (|ρ − 1| > ε), averaged over
+     the epochs; explained variance 1 − Var(R − V_old) / Var(R); train/kl, Σ_t k1 per sequence.
+  9. One completion for each of 64 prompts per step, as in RLHF: the critic is the baseline.
 Memory: three models (policy, reference, critic) and two optimizer states.
 
 Run:
-  python sft.py && python ppo.py                                         # tiny model, `arith`, CPU
-  python ppo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-6 \\
-      --critic-lr 1e-5 --batch-size 32 --micro-batch-size 16 --max-new-tokens 256   # one GPU, bf16
-  torchrun --nproc_per_node=2 ppo.py                                     # data parallel
+  python sft.py && python ppo.py                        # tiny model, `arith`, CPU
+  bash docs/smollm2.sh ppo                              # real weights (SmolLM2-135M-Instruct), CPU
+  torchrun --nproc_per_node=2 ppo.py                    # data parallel
 """
 
 import argparse
@@ -259,7 +249,8 @@ def adaptive_beta(beta, kl, target, n, horizon):
 def main():
     args = parse_args()
     if args.fsdp:
-        raise SystemExit("error: --fsdp: not in ppo.py yet (sft.py, grpo.py and reinforce.py have it)")
+        raise SystemExit("error: --fsdp: not in ppo.py yet (sft.py, rejection_sampling.py, dpo.py, reinforce.py "
+                         "and grpo.py have it)")
     rank, world, device = setup(args)
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)

@@ -25,10 +25,9 @@ Choices made here where the literature differs:
      of the policy and the reference.
 
 Run:
-  python sft.py && python reinforce.py                                   # tiny model, `arith`, CPU
-  python reinforce.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-6 \\
-      --batch-size 32 --micro-batch-size 16 --max-new-tokens 256          # one GPU, bf16
-  torchrun --nproc_per_node=2 reinforce.py                               # data parallel
+  python sft.py && python reinforce.py                  # tiny model, `arith`, CPU
+  bash docs/smollm2.sh reinforce                        # real weights (SmolLM2-135M-Instruct), CPU
+  torchrun --nproc_per_node=2 reinforce.py              # data parallel
 """
 
 import argparse

@@ -1,10 +1,9 @@
 """
 rejection_sampling.py: rejection sampling fine-tuning in rounds (RAFT, ReST-EM, expert iteration).
 
-Dong et al., RAFT, arXiv 2304.06767; Gulcehre et al., ReST, arXiv 2308.08998; Singh et al., ReST-EM,
-arXiv 2312.06585; the rejection sampling stage of Llama 2, arXiv 2307.09288; the exposition follows
-Patel, arXiv 2509.04501. Round n samples k completions of each prompt from the current policy, keeps
-those the reward passes (ReST-EM's E-step) and maximises their likelihood (the M-step):
+RAFT (arXiv 2304.06767), ReST (2308.08998), ReST-EM (2312.06585), Llama 2's rejection sampling (2307.09288);
+the exposition follows Patel, arXiv 2509.04501. Round n samples k completions of each prompt from the
+policy, keeps those the reward passes (the E-step) and maximises their likelihood (the M-step):
 
     D_n = {(x, y_i) : y_1..y_k ~ π_θn(· | x), y_i passes the filter (r(x, y_i) ≥ τ)}
     θ_n+1 = argmin_θ  − Σ_{(x,y) ∈ D_n} Σ_{t=1..|y|} log π_θ(y_t | x, y_<t)  /  Σ_{(x,y) ∈ D_n} |y|
@@ -23,24 +22,17 @@ Choices made here where the literature differs:
      Each rank samples its share of the round's prompts; the kept set is gathered in prompt order.
   5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
      where the uninterrupted run ends.
-  6. Filter: of each prompt's k samples the best one, when its reward is at least --threshold τ
-     (RAFT, Llama 2; a tie goes to the first sampled), or with --keep all every sample that passes
-     (ReST-EM). A completion cut off by --max-new-tokens is never kept. A prompt with nothing kept
-     drops out.
-  7. Identical kept completions of one prompt are kept once (--dedup; it matters only with --keep
-     all).
-  8. Each round continues from the current policy (RAFT, expert iteration); --from-base instead
-     fine-tunes the starting model afresh on each round's kept set (ReST-EM), which limits drift.
-  9. Each round fine-tunes for --epochs E passes over its kept set in a seeded order. The AdamW
-     state carries over from round to round with the policy (a fresh AdamW's first steps are
-     sign-like: its second moments are one gradient's squares); --from-base starts both afresh.
+  6. Filter: of each prompt's k samples the best one if its reward is at least --threshold τ (RAFT,
+     Llama 2; ties: the first sampled), or with --keep all every one that passes (ReST-EM), once each
+     (--dedup). A completion cut off by --max-new-tokens is never kept.
+  7. Each round continues from the current policy and its AdamW state (RAFT, expert iteration);
+     --from-base fine-tunes the starting model afresh each round (ReST-EM), which limits drift.
+  8. Each round fine-tunes for --epochs passes over its kept set in a seeded order.
 
 Run:
-  python sft.py && python rejection_sampling.py                           # tiny model, `arith`, CPU
-  python rejection_sampling.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 1e-5 \\
-      --steps 3 --prompts-per-round 1024 --group-size 4 --batch-size 64 --micro-batch-size 16 \\
-      --max-new-tokens 256                                                 # one GPU, bf16
-  torchrun --nproc_per_node=2 rejection_sampling.py                       # data parallel
+  python sft.py && python rejection_sampling.py         # tiny model, `arith`, CPU
+  bash docs/smollm2.sh rejection_sampling               # real weights (SmolLM2-135M-Instruct), CPU
+  torchrun --nproc_per_node=2 rejection_sampling.py     # data parallel
 """
 
 import argparse
@@ -210,8 +202,6 @@ def gather(items):
 
 def main():
     args = parse_args()
-    if args.fsdp:
-        raise SystemExit("error: --fsdp: not in rejection_sampling.py yet (sft.py, grpo.py and reinforce.py have it)")
     rank, world, device = setup(args)
     run_dir, start, state = open_run(args)
     model, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
@@ -225,6 +215,8 @@ def main():
     if per_rank * world != args.batch_size or per_rank % min(per_rank, args.micro_batch_size):
         raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks x whole micro-batches "
                          f"of {args.micro_batch_size}")
+    if args.prompts_per_round % world:  # every rank samples as many prompts (--fsdp gathers once per rollout)
+        raise SystemExit(f"error: --prompts-per-round {args.prompts_per_round} must split into {world} ranks")
     micro = min(per_rank, args.micro_batch_size)
     bar = begin(model, tok, evals, args, amp, run_dir, rank, start, f"{args.prompts_per_round} prompts x "
                 f"{args.group_size} samples a round, keep {args.keep} >= {args.threshold}, {args.epochs:g} epochs of "

@@ -20,10 +20,9 @@ Choices made here where the literature differs:
      where the uninterrupted run ends.
 
 Run:
-  python sft.py                                                           # tiny model, `arith`, CPU
-  python sft.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --lr 2e-5 \\
-      --batch-size 64 --micro-batch-size 16 --steps 500 --max-new-tokens 256   # one GPU, bf16
-  torchrun --nproc_per_node=2 sft.py                                      # data parallel
+  python sft.py                                         # tiny model, `arith`, CPU
+  bash docs/smollm2.sh sft                              # real weights (SmolLM2-135M-Instruct), CPU
+  torchrun --nproc_per_node=2 sft.py                    # data parallel
 """
 
 import argparse

@@ -11,44 +11,42 @@ policy stays within δ (E_t: the mean over the batch's completion tokens):
     A_t = Σ_l (γλ)^l δ_t+l,   δ_t = r_t + γ V(s_t+1) − V(s_t)   (GAE; V is regressed on A + V_old)
 
 Choices made here where the literature differs:
-  1-3. As ppo.py: the critic, the per-token reward, and GAE with whitened advantages.
-  4. Policy step (in place of ppo.py's clipped epochs): g = ∇ E_t[ρ_t A_t] at θ_old; x solves (F +
-     damping · I) x = g by --cg-iters of conjugate gradient, F the Fisher matrix (the Hessian of KL̄
-     at θ_old), never formed: CG needs only F v = ∇θ((∇θ KL̄)ᵀ v), one double backward each; the
-     step s = sqrt(2δ / xᵀ(F + damping · I) x) · x, with xᵀ(F + damping · I) x = xᵀ(g − r), r the CG
-     residual. Backtracking over θ_old + 0.5^i s keeps the first θ whose measured KL̄ ≤ δ and whose
-     surrogate improves (the original also asks for a fraction of gᵀs, logged as
-     train/expected_gain); if none does, θ_old stays. No clipping, no entropy bonus; --grad-clip
-     does not touch the policy.
+  1. Critic: a copy of the starting checkpoint with a zero-initialised scalar head (V = 0 at first),
+     its own AdamW and --critic-lr; V(s_t) is read at the position that predicts y_t.
+  2. Reward: −β k1 to the frozen reference on every completion token, r(x, y) at the last one;
+     --no-eos-penalty off the score of a completion without EOS. β fixed, or adapted to --kl-target
+     (Ziegler et al. 2019, arXiv 1909.08593).
+  3. GAE with γ = 1, λ = 0.95; a truncated completion is not bootstrapped; returns R_t = A_t + V_old.
+     Advantages whitened once per batch over all its completion tokens and ranks.
+  4. Policy step (in place of ppo.py's clipped epochs): x solves (F + damping · I) x = g, g = ∇ E_t[ρ_t A_t]
+     at θ_old, by --cg-iters of conjugate gradient; F, the Hessian of KL̄, is never formed: F v =
+     ∇θ((∇θ KL̄)ᵀ v). The step s = sqrt(2δ / xᵀ(F + damping · I) x) · x; backtracking over θ_old + 0.5^i s
+     keeps the first θ with measured KL̄ ≤ δ and a better surrogate (the original also asks for a
+     fraction of gᵀs, logged as train/expected_gain), else θ_old stays. --grad-clip is the critic's.
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
      the same T, recomputed by the training forward pass (never the sampler's numbers); here those
-     of the policy, the old policy π_old and the reference, and also the vocabulary log-probs behind
-     KL̄ and the Fisher-vector products.
+     of the policy, the old policy π_old and the reference, and the vocabulary
+     log-probs behind KL̄ and the Fisher-vector products.
   6. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
   7. Updates: one policy step per batch; --epochs and --mini-batches are the critic's alone here.
-  8. Logged: train/kl_step is the measured KL̄ of the accepted step (0 when it was rejected), so it
-     never exceeds δ_t; train/max_kl is δ_t, train/step_cos_gradient the cosine of s to g.
-  9. KL̄ is exact, not sampled: over the whole vocabulary at each completion token, from the logits
-     there (completion tokens x V floats): the one place in this project where logits exist, since
-     the fused log-prob kernel and the fused attention kernels have no double backward.
-  10. F from every --fvp-subsample-th sequence (16: 8 of the 128; Schulman 2016 uses 10 % of the
-     data): g, KL̄ and the line search use the whole batch. The graph of F's KL and its first
-     backward are kept for the step, so a CG iteration is one backward.
-  11. θ_old is kept as a flat vector, π_old as its vocabulary log-probs at the batch's completion
-     tokens, so a line-search try is one forward. Under torchrun g, F v, KL̄ and the surrogate are
-     summed over ranks: every rank takes the same step.
-  12. δ is annealed: δ_t = δ (lr_t / lr)², lr_t the other scripts' schedule (warmup, then cosine to
-     10 %), so the step's length (∝ √δ_t) follows it; --lr acts only there. The original keeps δ
-     fixed.
-  13. Defaults: 60 steps of 32 prompts x 4 (ppo.py: 100 of 64 x 1); --cg-damping 1.0, so that 5
-     CG iterations solve the system. Measured numbers, cost and memory: docs/experiments.md#trpo.
+  8. Logged: train/kl_step, the measured KL̄ of the accepted step (0 when rejected), train/max_kl δ_t,
+     train/step_cos_gradient the cosine of s to g.
+  9. KL̄ is exact over the whole vocabulary at each completion token, from the logits there: the one
+     place with logits, since the fused log-prob and attention kernels have no double backward.
+  10. F from every --fvp-subsample-th sequence (Schulman 2016: 10 % of the data); g, KL̄ and the line
+     search use the whole batch. F's KL graph and first backward are kept: a CG iteration is one backward.
+  11. θ_old is kept as a flat vector, π_old as its vocabulary log-probs, so a line-search try is one
+     forward. Under torchrun g, F v, KL̄ and the surrogate are summed over ranks: one step on every rank.
+  12. δ is annealed: δ_t = δ (lr_t / lr)², lr_t the other scripts' schedule, so the step's length (∝ √δ_t)
+     follows it; --lr acts only there. The original keeps δ fixed.
+  13. Defaults: 60 steps of 32 prompts x 4 (ppo.py: 100 of 64 x 1); --cg-damping 1.0, so that 5 CG
+     iterations solve the system. Measured numbers, cost and memory: docs/experiments.md#trpo.
 
 Run:
-  python sft.py && python trpo.py                                        # tiny model, `arith`, CPU
-  python trpo.py --model HuggingFaceTB/SmolLM2-135M-Instruct --task gsm8k --max-kl 1e-3 \\
-      --critic-lr 1e-5 --batch-size 32 --micro-batch-size 8 --max-new-tokens 256   # one GPU, bf16
-  torchrun --nproc_per_node=2 trpo.py                                    # data parallel
+  python sft.py && python trpo.py                       # tiny model, `arith`, CPU
+  bash docs/smollm2.sh trpo                             # real weights (SmolLM2-135M-Instruct), CPU
+  torchrun --nproc_per_node=2 trpo.py                   # data parallel
 """
 
 import argparse
@@ -355,7 +353,8 @@ def adaptive_beta(beta, kl, target, n, horizon):
 def main():
     args = parse_args()
     if args.fsdp:
-        raise SystemExit("error: --fsdp: not in trpo.py yet (sft.py, grpo.py and reinforce.py have it)")
+        raise SystemExit("error: --fsdp: not in trpo.py yet (sft.py, rejection_sampling.py, dpo.py, reinforce.py "
+                         "and grpo.py have it)")
     rank, world, device = setup(args)
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)

@@ -307,11 +307,23 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_ckpt):
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = lambda run: [json.loads(l) for l in (tmp_path / f"runs/{run}/metrics.jsonl").read_text().splitlines()]
-    one, two = rows("one"), rows("two")
+    r = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29528", *base, "--run-name", "fsdp", "--fsdp"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]  # the policy sharded; the reference whole on each rank
+    one, two, fsdp = rows("one"), rows("two"), rows("fsdp")
     assert one[0]["eval/pref_accuracy"] == two[0]["eval/pref_accuracy"] == 0.5  # reference log-probs gathered in order
-    for a, b in zip(one[1:3], two[1:3]):
-        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5) and \
-            a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [r["step"] for r in fsdp]
+    for a, b, c in zip(one, two, fsdp):
+        if "train/loss" in a:
+            assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
+            assert a["train/loss"] == pytest.approx(c["train/loss"], rel=1e-5)
+            assert a["train/grad_norm"] == pytest.approx(b["train/grad_norm"], rel=1e-4)
+            assert a["train/grad_norm"] == pytest.approx(c["train/grad_norm"], rel=1e-4)
+        if "eval/pref_accuracy" in a:
+            assert c["eval/pref_accuracy"] == pytest.approx(a["eval/pref_accuracy"])
+    w1, w2 = (read_safetensors(tmp_path / f"runs/{n}/model.safetensors") for n in ("one", "fsdp"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-4, rtol=1e-4)
 
 
 def test_ipo_uses_length_normalised_log_ratios_by_default():

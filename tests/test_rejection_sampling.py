@@ -153,7 +153,8 @@ def test_best_keeps_one_per_prompt_and_from_base_reloads(monkeypatch, tmp_path, 
 
 def test_torchrun_two_processes_equal_one(tmp_path, digits):
     """Greedy sampling (temperature 0) makes the samples independent of how the prompts are split over
-    ranks, so the kept set, and with it every update, must be the same with 1 and 2 processes."""
+    ranks, so the kept set, and with it every update, must be the same with 1 and 2 processes, and with
+    2 processes under --fsdp."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     base = [str(ROOT / "rejection_sampling.py"), *tiny(digits, "--steps", "2", "--threshold", "0", "--keep", "all",
                                                       "--temperature", "0", "--eval-every", "0")]
@@ -168,7 +169,14 @@ def test_torchrun_two_processes_equal_one(tmp_path, digits):
     b = read_safetensors(tmp_path / "runs/two/model.safetensors")
     for k in a:  # Adam amplifies summation-order noise in near-zero gradients (see tests/test_sft.py)
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+    fsdp = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29519", *base, "--run-name", "fsdp",
+                           "--fsdp"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    c = read_safetensors(tmp_path / "runs/fsdp/model.safetensors")  # sharded, then gathered into one checkpoint
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], atol=1e-4, rtol=1e-4)
     r1, r2 = rows(tmp_path, "one"), rows(tmp_path, "two")
+    assert [r.get("train/kept") for r in r2] == [r.get("train/kept") for r in rows(tmp_path, "fsdp")]
     for x, y in zip(r1[1:3], r2[1:3]):
         assert x["train/kept"] == y["train/kept"] > 0 and x["train/acceptance_rate"] == y["train/acceptance_rate"]
         assert x["train/loss"] == pytest.approx(y["train/loss"], rel=1e-5)

@@ -15,8 +15,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import dpo  # noqa: E402
 import grpo  # noqa: E402
+import ppo  # noqa: E402
 import sft  # noqa: E402
 from conftest import run_script  # noqa: E402
 from model import GPT, read_safetensors  # noqa: E402
@@ -67,8 +67,8 @@ def test_fsdp_needs_torchrun_and_the_scripts_without_it_refuse(monkeypatch, tmp_
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(SystemExit, match=r"^error: --fsdp shards the model over the processes of torchrun"):
         run_script(sft, monkeypatch, tmp_path, "--fsdp", *SFT)
-    with pytest.raises(SystemExit, match=r"^error: --fsdp: not in dpo.py yet"):
-        run_script(dpo, monkeypatch, tmp_path, "--fsdp")
+    with pytest.raises(SystemExit, match=r"^error: --fsdp: not in ppo.py yet"):
+        run_script(ppo, monkeypatch, tmp_path, "--fsdp")
     assert not (tmp_path / "runs").exists()
 
 
@@ -131,9 +131,10 @@ def test_sft_fsdp_equals_one_process_saves_and_resumes(tmp_path):
     assert_same_run(tmp_path / "runs/fsdp", tmp_path / "runs/cut")
 
 
-def test_grpo_fsdp_equals_data_parallel(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("script,extra,port", [("grpo", ["--mu", "2"], 29544), ("reinforce", [], 29546)])
+def test_rl_fsdp_equals_data_parallel(tmp_path, tiny_ckpt, script, extra, port):
     """The rollout seed depends on the rank: compare 2 ranks with --fsdp (and --grad-checkpoint) to 2 without."""
-    base = [str(ROOT / "grpo.py"), "--model", str(tiny_ckpt), "--steps", "2", "--mu", "2", *GRPO]
-    launch(tmp_path, 2, *base, "--run-name", "ddp", port=29544)
-    launch(tmp_path, 2, *base, "--run-name", "fsdp", "--fsdp", "--grad-checkpoint", port=29545)
+    base = [str(ROOT / f"{script}.py"), "--model", str(tiny_ckpt), "--steps", "2", *extra, *GRPO]
+    launch(tmp_path, 2, *base, "--run-name", "ddp", port=port)
+    launch(tmp_path, 2, *base, "--run-name", "fsdp", "--fsdp", "--grad-checkpoint", port=port + 1)
     assert_same_run(tmp_path / "runs/ddp", tmp_path / "runs/fsdp")
