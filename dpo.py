@@ -968,7 +968,7 @@ def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=eva
 
 def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
     """Log the step's metrics, show the main ones, and checkpoint every --save-every steps and at the end
-    (weights, tokenizer and the trainer state: the step, and `state`, where an optimizer stands for its state)."""
+    (weights, tokenizer and the trainer state: the step, and `state`, as save() takes it)."""
     log(run_dir, step + 1, metrics, rank)
     bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in
                      ("train/loss", "train/reward", "train/kl", "eval/accuracy", "eval/preference_accuracy")})
@@ -977,21 +977,27 @@ def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
 
 
 def save(model, tok, run_dir, rank, state):
-    """Rank 0 writes the checkpoint. Under --fsdp every rank first takes part in gathering the weights and
-    the optimizer state whole into rank 0's memory (one tensor at a time on the device), and the weights are
-    saved from a CPU copy of the model."""
-    if is_sharded(model):
+    """Rank 0 writes the checkpoint: the model's weights, the tokenizer and `state`, in which a module stands for
+    its weights and an optimizer for its state (of the model's parameters; a (module, optimizer) pair: of that
+    module's). Under --fsdp every rank first takes part in gathering each of them whole into rank 0's memory (one
+    tensor at a time on the device), and the weights are saved from a CPU copy of the model."""
+    def whole(v):  # a module, an optimizer or a (module, optimizer) pair -> its state dict, whole
+        module, v = v if isinstance(v, tuple) else (v if isinstance(v, torch.nn.Module) else model, v)
+        if not is_sharded(module):
+            return v.state_dict()
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = {k: get_optimizer_state_dict(model, v, options=whole) if isinstance(v, torch.optim.Optimizer)
-                 else v for k, v in state.items()}
-        weights = get_model_state_dict(model, options=whole)  # empty but on rank 0
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(module, options=options) if v is module else \
+            get_optimizer_state_dict(module, v, options=options)  # empty but on rank 0
+    state = {k: whole(v) if isinstance(v, (tuple, torch.nn.Module, torch.optim.Optimizer)) else v
+             for k, v in state.items()}
+    if is_sharded(model):
+        weights = whole(model)
         if rank == 0:
             with torch.device("meta"):
                 model = GPT(model.config)
             model.load_state_dict(weights, assign=True)
-    state = {k: v.state_dict() if isinstance(v, torch.optim.Optimizer) else v for k, v in state.items()}
     if rank == 0:
         model.save_pretrained(run_dir, tok, state=state)
 

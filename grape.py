@@ -335,7 +335,7 @@ def score_items(items, texts, examples, default, judge):
             else:
                 asks.append((ex["prompt"], text, item["question"]))
                 where.append((n, k))
-    if asks:
+    if judge is not None:  # called on every rank, with or without asks (under --fsdp it gathers the critic)
         for (n, k), score, confidence in zip(where, *(x.tolist() for x in judge(asks))):
             s[n, k], c[n, k] = score, confidence
     return s, c, applies
@@ -384,6 +384,8 @@ def judge_local(model, tok, asks, micro_batch_size, amp):
     if set(yes) & set(no):
         raise SystemExit("error: the critic's tokenizer starts 'yes' and 'no' with the same token")
     prompts = [judge_prompt(tok, *a)[-model.config.max_seq_len:] for a in asks]  # too long: keep the end
+    if not asks:
+        return torch.zeros(0), torch.zeros(0)
     device, out = model.lm_head.weight.device, []
     for i in range(0, len(prompts), micro_batch_size):
         chunk = prompts[i:i + micro_batch_size]
@@ -393,8 +395,8 @@ def judge_local(model, tok, asks, micro_batch_size, amp):
         with amp:
             h = model.trunk(ids)[torch.arange(len(chunk), device=device), last]  # (b, d) at each prompt's end
             logp = model.lm_head(h).float().log_softmax(-1)  # (b, V)
-        out.append(logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1))  # log P(yes) / P(no)
-    s = torch.sigmoid(torch.cat(out)).cpu()
+        out.append((logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1)).cpu())  # log P(yes) / P(no)
+    s = torch.sigmoid(torch.cat(out))
     return s, (2 * s - 1).abs()
 
 
@@ -470,7 +472,11 @@ def make_judge(args, items, ref, tok, device, amp):
     critic, ctok = load_model(args.judge_model, device, args.seed) if args.judge_model else \
         (ref if ref is not None else load_model(args.model, device, args.seed)[0], tok)
     critic.requires_grad_(False)
-    return lambda asks: judge_local(critic, ctok, asks, args.micro_batch_size, amp)
+
+    def judge(asks):  # under --fsdp (the reference as critic) every rank holds it whole while it judges
+        with gathered(critic):
+            return judge_local(critic, ctok, asks, args.micro_batch_size, amp)
+    return judge
 
 
 def evaluate_rubric(model, tok, examples, args, amp, items):
@@ -489,9 +495,6 @@ def evaluate_rubric(model, tok, examples, args, amp, items):
 
 def main():
     args = parse_args()
-    if args.fsdp:
-        raise SystemExit("error: --fsdp: not in grape.py yet (sft.py, rejection_sampling.py, dpo.py, reinforce.py "
-                         "and grpo.py have it)")
     rank, world, device = setup(args)
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
@@ -1154,7 +1157,7 @@ def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=eva
 
 def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
     """Log the step's metrics, show the main ones, and checkpoint every --save-every steps and at the end
-    (weights, tokenizer and the trainer state: the step, and `state`, where an optimizer stands for its state)."""
+    (weights, tokenizer and the trainer state: the step, and `state`, as save() takes it)."""
     log(run_dir, step + 1, metrics, rank)
     bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in
                      ("train/loss", "train/reward", "train/kl", "eval/accuracy", "eval/preference_accuracy")})
@@ -1163,21 +1166,27 @@ def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
 
 
 def save(model, tok, run_dir, rank, state):
-    """Rank 0 writes the checkpoint. Under --fsdp every rank first takes part in gathering the weights and
-    the optimizer state whole into rank 0's memory (one tensor at a time on the device), and the weights are
-    saved from a CPU copy of the model."""
-    if is_sharded(model):
+    """Rank 0 writes the checkpoint: the model's weights, the tokenizer and `state`, in which a module stands for
+    its weights and an optimizer for its state (of the model's parameters; a (module, optimizer) pair: of that
+    module's). Under --fsdp every rank first takes part in gathering each of them whole into rank 0's memory (one
+    tensor at a time on the device), and the weights are saved from a CPU copy of the model."""
+    def whole(v):  # a module, an optimizer or a (module, optimizer) pair -> its state dict, whole
+        module, v = v if isinstance(v, tuple) else (v if isinstance(v, torch.nn.Module) else model, v)
+        if not is_sharded(module):
+            return v.state_dict()
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = {k: get_optimizer_state_dict(model, v, options=whole) if isinstance(v, torch.optim.Optimizer)
-                 else v for k, v in state.items()}
-        weights = get_model_state_dict(model, options=whole)  # empty but on rank 0
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(module, options=options) if v is module else \
+            get_optimizer_state_dict(module, v, options=options)  # empty but on rank 0
+    state = {k: whole(v) if isinstance(v, (tuple, torch.nn.Module, torch.optim.Optimizer)) else v
+             for k, v in state.items()}
+    if is_sharded(model):
+        weights = whole(model)
         if rank == 0:
             with torch.device("meta"):
                 model = GPT(model.config)
             model.load_state_dict(weights, assign=True)
-    state = {k: v.state_dict() if isinstance(v, torch.optim.Optimizer) else v for k, v in state.items()}
     if rank == 0:
         model.save_pretrained(run_dir, tok, state=state)
 

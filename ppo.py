@@ -32,7 +32,7 @@ Choices made here where the literature differs:
   8. Logged: approx_kl, the k3 estimate of KL(π_old ‖ π_θ), and clipfrac (|ρ − 1| > ε), averaged over
      the epochs; explained variance 1 − Var(R − V_old) / Var(R); train/kl, Σ_t k1 per sequence.
   9. One completion for each of 64 prompts per step, as in RLHF: the critic is the baseline.
-Memory: three models (policy, reference, critic) and two optimizer states.
+Memory: three models (policy, reference, critic) and two optimizer states; --fsdp shards them all.
 
 Run:
   python sft.py && python ppo.py                        # tiny model, `arith`, CPU
@@ -248,23 +248,21 @@ def adaptive_beta(beta, kl, target, n, horizon):
 
 def main():
     args = parse_args()
-    if args.fsdp:
-        raise SystemExit("error: --fsdp: not in ppo.py yet (sft.py, rejection_sampling.py, dpo.py, reinforce.py "
-                         "and grpo.py have it)")
     rank, world, device = setup(args)
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
     ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
     policy, ref = prepare(policy, args), prepare(ref, args, trained=False)
-    critic = prepare(Critic(load_model(args.model, device, args.seed)[0]).to(device), args)
+    critic = Critic(load_model(args.model, device, args.seed)[0]).to(device)
+    if state:  # saved whole: loaded before --fsdp shards it
+        critic.load_state_dict(state["critic"])
+    critic = prepare(critic, args)
     amp = autocast(device)
     train, evals = load_task(args)
     tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
     tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
     opt, critic_opt = make_optimizer(policy, args, state), make_optimizer(critic, args, state, "critic_optimizer")
     beta = state["beta"] if state else args.beta
-    if state:
-        critic.load_state_dict(state["critic"])
     per_rank = args.batch_size // world
     if per_rank * world != args.batch_size or not 1 <= args.mini_batches <= per_rank * args.group_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks, and --mini-batches "
@@ -338,7 +336,7 @@ def main():
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             metrics |= evaluate(policy, tok, evals, args, amp)
         end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt, "beta": beta,
-                 "critic": critic.state_dict(), "critic_optimizer": critic_opt.state_dict()})
+                 "critic": critic, "critic_optimizer": (critic, critic_opt)})
     finish(args, run_dir, rank, evaluate(policy, tok, evals, args, amp))
 
 
@@ -907,7 +905,7 @@ def begin(model, tok, evals, args, amp, run_dir, rank, start, what, evaluate=eva
 
 def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
     """Log the step's metrics, show the main ones, and checkpoint every --save-every steps and at the end
-    (weights, tokenizer and the trainer state: the step, and `state`, where an optimizer stands for its state)."""
+    (weights, tokenizer and the trainer state: the step, and `state`, as save() takes it)."""
     log(run_dir, step + 1, metrics, rank)
     bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in metrics.items() if k in
                      ("train/loss", "train/reward", "train/kl", "eval/accuracy", "eval/preference_accuracy")})
@@ -916,21 +914,27 @@ def end_step(model, tok, args, run_dir, rank, bar, step, metrics, state):
 
 
 def save(model, tok, run_dir, rank, state):
-    """Rank 0 writes the checkpoint. Under --fsdp every rank first takes part in gathering the weights and
-    the optimizer state whole into rank 0's memory (one tensor at a time on the device), and the weights are
-    saved from a CPU copy of the model."""
-    if is_sharded(model):
+    """Rank 0 writes the checkpoint: the model's weights, the tokenizer and `state`, in which a module stands for
+    its weights and an optimizer for its state (of the model's parameters; a (module, optimizer) pair: of that
+    module's). Under --fsdp every rank first takes part in gathering each of them whole into rank 0's memory (one
+    tensor at a time on the device), and the weights are saved from a CPU copy of the model."""
+    def whole(v):  # a module, an optimizer or a (module, optimizer) pair -> its state dict, whole
+        module, v = v if isinstance(v, tuple) else (v if isinstance(v, torch.nn.Module) else model, v)
+        if not is_sharded(module):
+            return v.state_dict()
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
-        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = {k: get_optimizer_state_dict(model, v, options=whole) if isinstance(v, torch.optim.Optimizer)
-                 else v for k, v in state.items()}
-        weights = get_model_state_dict(model, options=whole)  # empty but on rank 0
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(module, options=options) if v is module else \
+            get_optimizer_state_dict(module, v, options=options)  # empty but on rank 0
+    state = {k: whole(v) if isinstance(v, (tuple, torch.nn.Module, torch.optim.Optimizer)) else v
+             for k, v in state.items()}
+    if is_sharded(model):
+        weights = whole(model)
         if rank == 0:
             with torch.device("meta"):
                 model = GPT(model.config)
             model.load_state_dict(weights, assign=True)
-    state = {k: v.state_dict() if isinstance(v, torch.optim.Optimizer) else v for k, v in state.items()}
     if rank == 0:
         model.save_pretrained(run_dir, tok, state=state)
 

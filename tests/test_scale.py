@@ -16,7 +16,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import grpo  # noqa: E402
-import ppo  # noqa: E402
 import sft  # noqa: E402
 from conftest import run_script  # noqa: E402
 from model import GPT, read_safetensors  # noqa: E402
@@ -40,7 +39,7 @@ def assert_same_run(a, b, tol=1e-4):
     """The same losses and gradient norms at every step, and the same final weights (to float tolerance: Adam
     divides by sqrt(v), which amplifies summation-order noise in near-zero gradients)."""
     for ra, rb in zip(train_records(a), train_records(b), strict=True):
-        for k in ("train/loss", "train/grad_norm", "train/reward"):
+        for k in ("train/loss", "train/grad_norm", "train/reward", "train/value_loss", "train/surrogate_gain"):
             if k in ra:
                 assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), (k, ra["step"])
     wa, wb = read_safetensors(a / "model.safetensors"), read_safetensors(b / "model.safetensors")
@@ -63,12 +62,10 @@ def test_compile_on_cpu_is_one_error_before_any_work(monkeypatch, tmp_path, caps
     assert not (tmp_path / "runs").exists()
 
 
-def test_fsdp_needs_torchrun_and_the_scripts_without_it_refuse(monkeypatch, tmp_path):
+def test_fsdp_needs_torchrun(monkeypatch, tmp_path):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(SystemExit, match=r"^error: --fsdp shards the model over the processes of torchrun"):
         run_script(sft, monkeypatch, tmp_path, "--fsdp", *SFT)
-    with pytest.raises(SystemExit, match=r"^error: --fsdp: not in ppo.py yet"):
-        run_script(ppo, monkeypatch, tmp_path, "--fsdp")
     assert not (tmp_path / "runs").exists()
 
 
@@ -131,10 +128,28 @@ def test_sft_fsdp_equals_one_process_saves_and_resumes(tmp_path):
     assert_same_run(tmp_path / "runs/fsdp", tmp_path / "runs/cut")
 
 
-@pytest.mark.parametrize("script,extra,port", [("grpo", ["--mu", "2"], 29544), ("reinforce", [], 29546)])
+@pytest.mark.parametrize("script,extra,port", [("grpo", ["--mu", "2"], 29544), ("reinforce", [], 29546),
+                                               ("grape", [], 29548), ("ppo", [], 29550), ("trpo", [], 29552)])
 def test_rl_fsdp_equals_data_parallel(tmp_path, tiny_ckpt, script, extra, port):
-    """The rollout seed depends on the rank: compare 2 ranks with --fsdp (and --grad-checkpoint) to 2 without."""
+    """The rollout seed depends on the rank: compare 2 ranks with --fsdp (and --grad-checkpoint) to 2 without.
+    grape's critic is the sharded reference (gathered while it judges); ppo and trpo shard the critic too."""
     base = [str(ROOT / f"{script}.py"), "--model", str(tiny_ckpt), "--steps", "2", *extra, *GRPO]
     launch(tmp_path, 2, *base, "--run-name", "ddp", port=port)
     launch(tmp_path, 2, *base, "--run-name", "fsdp", "--fsdp", "--grad-checkpoint", port=port + 1)
     assert_same_run(tmp_path / "runs/ddp", tmp_path / "runs/fsdp")
+    if script in ("ppo", "trpo"):  # the critic and its optimizer state, gathered whole into the checkpoint
+        a, b = (torch.load(tmp_path / f"runs/{n}/trainer_state.pt", weights_only=True) for n in ("ddp", "fsdp"))
+        assert a["critic"].keys() == b["critic"].keys()
+        for k in a["critic"]:
+            torch.testing.assert_close(a["critic"][k], b["critic"][k], atol=1e-4, rtol=1e-4)
+        assert len(b["critic_optimizer"]["state"]) == len(a["critic_optimizer"]["state"]) > 0
+
+
+def test_ppo_fsdp_resumes_where_it_stopped(tmp_path, tiny_ckpt):
+    """Cut after step 1 under --fsdp, resume under --fsdp: the policy, the critic and both optimizers come back,
+    so the run ends where the uninterrupted one does."""
+    base = [str(ROOT / "ppo.py"), "--model", str(tiny_ckpt), "--steps", "2", "--save-every", "1", *GRPO]
+    launch(tmp_path, 2, *base, "--run-name", "whole", "--fsdp", port=29554)
+    launch(tmp_path, 2, *base[:4], "1", *base[5:], "--run-name", "cut", "--fsdp", port=29555)
+    launch(tmp_path, 2, *base, "--run-name", "cut", "--fsdp", "--resume", port=29556)
+    assert_same_run(tmp_path / "runs/whole", tmp_path / "runs/cut")
