@@ -120,6 +120,12 @@ def test_sft_fsdp_equals_one_process_saves_and_resumes(tmp_path):
     assert_same_run(tmp_path / "runs/one", tmp_path / "runs/fsdp")
     saved = GPT.from_pretrained(str(tmp_path / "runs/fsdp"))  # a plain Hugging Face checkpoint
     assert saved.lm_head.weight is saved.transformer.wte.weight  # tied, as it was
+    if importlib.util.find_spec("transformers") is not None:  # and transformers reads it the same
+        import transformers
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "runs/fsdp"))
+        ids = torch.tensor([[1, 40, 41, 10, 72, 101, 32]])
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, saved(ids), atol=1e-4, rtol=1e-4)
     state = torch.load(tmp_path / "runs/fsdp/trainer_state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["optimizer"]["state"]) == len(list(saved.parameters()))
     # cut after step 1 (under --fsdp), then resume under --fsdp: the same end as the uninterrupted run
