@@ -169,8 +169,9 @@ def sample_pairs(model, tok, examples, args, amp):
     the docstring), --batch-size prompts per call; returns the pairs and the number of prompts skipped."""
     chunks = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
 
-    def sample(c):  # the seed is fixed by the chunk (rank 0 for all): the same pairs on any number of ranks
-        seqs, _, rewards, _, _ = rollout(model, tok, chunks[c], args, c, 0, amp)
+    def sample(c):  # a prompt's samples are seeded by its place in `examples`: the same pairs on any number of ranks
+        rows = range(c * args.batch_size, c * args.batch_size + len(chunks[c]))
+        seqs, _, rewards, _, _ = rollout(model, tok, chunks[c], args, 0, rows, amp)
         return list(zip(seqs, rewards.tolist()))
 
     samples = [s for part in shard_map(sample, list(range(len(chunks)))) for s in part]
@@ -1023,12 +1024,15 @@ def finish(args, run_dir, rank, metrics):
 
 
 @torch.no_grad()
-def rollout(model, tok, examples, args, step, rank, amp):
-    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
-    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
-    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+def rollout(model, tok, examples, args, step, rows, amp):
+    """k completions of each prompt; completion j of the prompt at place `rows[i]` of the step's batch is
+    sampled with its own seed, fixed by (seed, step, rows[i], j), so that it does not depend on how the
+    batch is split over ranks. Returns the sequences (prompt + completion ids), loss masks (1 on completion
+    tokens), rewards (P*k,), the completion texts, and whether each completion ended with EOS (else it hit
+    --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
-    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
+            for r in rows for j in range(args.group_size)]
     with amp, gathered(model):
         out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)

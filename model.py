@@ -302,6 +302,8 @@ class GPT(nn.Module):
         its cache rows; the prefill computes logits only at the last position; each step then feeds
         one token per row. temperature 0 is greedy. A row stops at its first EOS (any id in eos_id, default the
         config's), which is part of its completion; the loop stops when every row has stopped.
+        seed: an int (for the whole batch) or a list of one int per row: then a row's sample depends only on
+        its prompt and its own seed, not on the other rows (so a batch split over ranks samples as one process).
         Returns tokens (B, n) with pad_id after the end, and mask (B, n), 1 on generated tokens."""
         cfg, device = self.config, self.lm_head.weight.device
         eos = eos_id if eos_id is not None else cfg.eos_token_id
@@ -313,9 +315,9 @@ class GPT(nn.Module):
         if P + max_new_tokens > cfg.max_seq_len:
             raise ValueError(f"generate: prompt of {P} tokens + {max_new_tokens} new tokens exceeds the "
                              f"context of {cfg.max_seq_len} tokens")
-        gen = torch.Generator(device=device)
         # without a seed: one drawn from the global RNG (which is not re-seeded)
-        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ())))
+        noise = sampling_noise(seed if seed is not None else int(torch.randint(2**62, ())), B, max_new_tokens)
+        noise = noise.to(device)  # (B, n): the uniform that picks row b's token t
         idx = torch.full((B, P), pad, dtype=torch.long, device=device)
         valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)  # keys that are real tokens
         for i, p in enumerate(prompts):
@@ -347,7 +349,7 @@ class GPT(nn.Module):
             cache.repeat_rows(reps)
         for t in range(max_new_tokens):
             logits = self.lm_head(h).float()  # (B, V)
-            nxt = sample_next(logits, temperature, top_p, top_k, gen)
+            nxt = sample_next(logits, temperature, top_p, top_k, noise[:, t])
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out[:, t], out_mask[:, t] = nxt, ~done
             done = done | torch.isin(nxt, eos)
@@ -360,8 +362,20 @@ class GPT(nn.Module):
         return out, out_mask.long()
 
 
-def sample_next(logits, temperature, top_p, top_k, gen):
-    """logits (B, V) -> next token ids (B,): greedy at temperature 0, else top-k / top-p sampling."""
+def sampling_noise(seed, n_rows, n):
+    """(n_rows, n) uniforms in [0, 1), float64, drawn on the CPU (the same on every device): from one generator
+    seeded by `seed` (an int), or row by row from generators seeded by seed[row] (a list of n_rows ints)."""
+    if isinstance(seed, int):
+        return torch.rand(n_rows, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if len(seed) != n_rows:
+        raise ValueError(f"generate: {len(seed)} seeds for {n_rows} prompts")
+    return torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                        for s in seed]) if n_rows else torch.zeros(0, n, dtype=torch.float64)
+
+
+def sample_next(logits, temperature, top_p, top_k, u):
+    """logits (B, V), uniforms u (B,) -> next token ids (B,): greedy at temperature 0, else top-k / top-p
+    sampling by the inverse CDF: row b takes the first token whose cumulative probability exceeds u[b]."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -373,7 +387,11 @@ def sample_next(logits, temperature, top_p, top_k, gen):
         cum = srt.softmax(-1).cumsum(-1)
         drop = cum - srt.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(1, order, srt.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+    probs = logits.softmax(-1).double()
+    cum = probs.cumsum(-1)  # (B, V)
+    nxt = torch.searchsorted(cum, (u.to(cum) * cum[:, -1])[:, None], right=True).squeeze(1)
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).long().argmax(-1)  # the last token that can be drawn
+    return torch.minimum(nxt, last)
 
 
 # ----------------------------------------------------------------------------------------------

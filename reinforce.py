@@ -185,8 +185,9 @@ def main():
                 f"micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval")
     for step in bar:
         t0, lr = time.time(), set_lr(opt, step, args)
+        rows = range(rank, args.batch_size, world)  # this rank's places in the step's batch of prompts
         prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
-        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
+        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rows, amp)
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         mask, n_seqs = batch[2], args.batch_size * args.group_size
@@ -841,12 +842,15 @@ def finish(args, run_dir, rank, metrics):
 
 
 @torch.no_grad()
-def rollout(model, tok, examples, args, step, rank, amp):
-    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
-    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
-    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+def rollout(model, tok, examples, args, step, rows, amp):
+    """k completions of each prompt; completion j of the prompt at place `rows[i]` of the step's batch is
+    sampled with its own seed, fixed by (seed, step, rows[i], j), so that it does not depend on how the
+    batch is split over ranks. Returns the sequences (prompt + completion ids), loss masks (1 on completion
+    tokens), rewards (P*k,), the completion texts, and whether each completion ended with EOS (else it hit
+    --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
-    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
+            for r in rows for j in range(args.group_size)]
     with amp, gathered(model):
         out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)

@@ -228,8 +228,8 @@ def main():
         shard, items, n_pass, n_accept, reward_sum = list(enumerate(prompts))[rank::world], [], 0, 0, 0.0
         for c in range(0, len(shard), args.micro_batch_size):  # sample micro-batch by micro-batch of prompts
             chunk = shard[c:c + args.micro_batch_size]
-            seqs, _, rewards, _, ended = rollout(model, tok, [ex for _, ex in chunk], args,
-                                                 step * args.prompts_per_round + c, rank, amp)
+            seqs, _, rewards, _, ended = rollout(model, tok, [ex for _, ex in chunk], args, step,
+                                                 [i for i, _ in chunk], amp)
             rewards, ended = rewards.view(-1, args.group_size), ended.view(-1, args.group_size)
             kept = select(rewards, ended, args.keep, args.threshold)
             kept = dedup(kept, seqs) if args.dedup else kept
@@ -885,12 +885,15 @@ def finish(args, run_dir, rank, metrics):
 
 
 @torch.no_grad()
-def rollout(model, tok, examples, args, step, rank, amp):
-    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
-    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
-    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+def rollout(model, tok, examples, args, step, rows, amp):
+    """k completions of each prompt; completion j of the prompt at place `rows[i]` of the step's batch is
+    sampled with its own seed, fixed by (seed, step, rows[i], j), so that it does not depend on how the
+    batch is split over ranks. Returns the sequences (prompt + completion ids), loss masks (1 on completion
+    tokens), rewards (P*k,), the completion texts, and whether each completion ended with EOS (else it hit
+    --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
-    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
+            for r in rows for j in range(args.group_size)]
     with amp, gathered(model):
         out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)

@@ -167,7 +167,8 @@ class Args:
     cg_damping: float = 1.0
     """CG solves (F + damping · I) x = g"""
     fvp_subsample: int = 16
-    """F from every n-th sequence of the batch only (1: all): it only sets the metric of the step"""
+    """F from every n-th sequence of the batch only (1: all; the same sequences on any number of ranks): it only
+    sets the metric of the step"""
     line_search_steps: int = 10
     """backtracking tries (the step halved each time) before the step is rejected"""
     vf_clip: float = 0.2
@@ -273,8 +274,11 @@ def fisher_vector_product(policy, batch, n_tokens, micro_batch_size, amp, temper
             kl = kl_exact(logp.detach(), logp).sum() / n_tokens  # 0 with gradient 0 at θ_old; Hessian F
             grads.append(parameters_to_vector(torch.autograd.grad(kl, params, create_graph=True)))
 
-    def fvp(v):
-        fv = sum(parameters_to_vector(torch.autograd.grad(grad @ v, params, retain_graph=True)) for grad in grads)
+    def fvp(v):  # (with --grad-checkpoint this backward recomputes the blocks' forward: the same kernel again)
+        fv = torch.zeros_like(v)
+        with sdpa_kernel(SDPBackend.MATH):
+            for grad in grads:
+                fv += parameters_to_vector(torch.autograd.grad(grad @ v, params, retain_graph=True))
         if dist.is_initialized():
             dist.all_reduce(fv)
         return fv
@@ -384,8 +388,9 @@ def main():
     for step in bar:
         t0 = time.time()
         set_lr(critic_opt, step, dataclasses.replace(args, lr=args.critic_lr))
+        rows = range(rank, args.batch_size, world)  # this rank's places in the step's batch of prompts
         prompts = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)][rank::world]
-        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rank, amp)
+        seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rows, amp)
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         (ids, targets, mask), n_seqs = batch, args.batch_size * args.group_size
@@ -413,7 +418,10 @@ def main():
         sync_grads(policy)
         g = -parameters_to_vector([p.grad for p in policy.parameters()])  # the surrogate's gradient (ascent)
         policy.zero_grad(set_to_none=True)
-        fvp_batch = tuple(x[::args.fvp_subsample] for x in batch)  # F on every n-th sequence
+        places = [r * args.group_size + j for r in rows for j in range(args.group_size)]  # in the whole batch
+        sub = torch.tensor([k for k, s in enumerate(places) if s % args.fvp_subsample == 0], dtype=torch.long,
+                           device=device)
+        fvp_batch = tuple(x[sub] for x in batch)  # F on every n-th sequence of the whole batch (none on some ranks)
         fisher = fisher_vector_product(policy, fvp_batch, all_sum(fvp_batch[2].sum().item())[0],
                                        args.micro_batch_size, amp, args.temperature)
         x, r, n_fvp = conjugate_gradient(lambda v: fisher(v) + args.cg_damping * v, g, args.cg_iters)
@@ -1080,12 +1088,15 @@ def finish(args, run_dir, rank, metrics):
 
 
 @torch.no_grad()
-def rollout(model, tok, examples, args, step, rank, amp):
-    """k completions of each prompt, sampled with a seed fixed by (seed, step, rank). Returns the
-    sequences (prompt + completion ids), loss masks (1 on completion tokens), rewards (P*k,), the
-    completion texts, and whether each completion ended with EOS (else it hit --max-new-tokens)."""
+def rollout(model, tok, examples, args, step, rows, amp):
+    """k completions of each prompt; completion j of the prompt at place `rows[i]` of the step's batch is
+    sampled with its own seed, fixed by (seed, step, rows[i], j), so that it does not depend on how the
+    batch is split over ranks. Returns the sequences (prompt + completion ids), loss masks (1 on completion
+    tokens), rewards (P*k,), the completion texts, and whether each completion ended with EOS (else it hit
+    --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
-    seed = int(np.random.SeedSequence([args.seed, step, rank]).generate_state(1)[0])
+    seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
+            for r in rows for j in range(args.group_size)]
     with amp, gathered(model):
         out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                    seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)

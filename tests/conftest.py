@@ -1,6 +1,8 @@
 """Shared pytest fixtures: the repo root on sys.path, the shared data folder, tiny random models."""
 
+import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -93,6 +95,25 @@ def run_script(module, monkeypatch, tmp_path, *argv):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [module.__name__ + ".py", *argv])
     module.main()
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory, tiny_ckpt):
+    """(a checkpoint, a jsonl task) where samples end with EOS and some are right: prompts are
+    3-digit numbers, the answer their last digit; the tiny random checkpoint gets a few SFT steps so
+    that it answers with a digit and stops (a random model almost never stops, and nothing is kept)."""
+    root = tmp_path_factory.mktemp("digits")
+    rng = random.Random(0)
+    data = root / "digits.jsonl"
+    data.write_text("".join(json.dumps({"prompt": str(n), "completion": str(n % 10)}) + "\n"
+                            for n in rng.sample(range(100, 1000), 200)))
+    import sft
+    with pytest.MonkeyPatch.context() as mp:
+        run_script(sft, mp, root, "--model", str(tiny_ckpt), "--task", "jsonl", "--data-path", str(data),
+                   "--steps", "30",
+                   "--batch-size", "16", "--eval-size", "8", "--eval-every", "0", "--max-new-tokens", "4",
+                   "--warmup-steps", "2", "--run-name", "warm")
+    return root / "runs" / "warm", data
 
 
 # A chat checkpoint: a byte-level BPE learned here from this text, ChatML specials at ids 0-2 (SmolLM2's layout)

@@ -104,8 +104,8 @@ def test_sample_pairs_choice_rule(monkeypatch):
     rewards = [[1, 0, 0, 1], [0, 0, 0, 0], [0.5, 1, 0.2, 0.2], [1, 1, 1, 1], [0, 1, 0, 0]]
     examples = [{"prompt_ids": [100 + i]} for i in range(5)]
 
-    def fake_rollout(model, tok, chunk, args, step, rank, amp):
-        seqs = [ex["prompt_ids"] + [step, j] for ex in chunk for j in range(4)]  # the completion names its sample
+    def fake_rollout(model, tok, chunk, args, step, rows, amp):
+        seqs = [ex["prompt_ids"] + [r, j] for ex, r in zip(chunk, rows) for j in range(4)]  # names its sample
         return seqs, None, torch.tensor([r for ex in chunk for r in rewards[ex["prompt_ids"][0] - 100]]), None, None
 
     monkeypatch.setattr(D, "rollout", fake_rollout)
@@ -114,7 +114,7 @@ def test_sample_pairs_choice_rule(monkeypatch):
     assert skipped == 2 and [p["index"] for p in pairs] == [0, 2, 4]
     for p in pairs:
         r = rewards[p["index"]]
-        assert p["prompt_ids"] == [100 + p["index"]] and p["chosen_ids"][0] == p["index"] // 2  # chunk of 2 prompts
+        assert p["prompt_ids"] == [100 + p["index"]] and p["chosen_ids"][0] == p["index"]  # its place
         assert r[p["chosen_ids"][1]] == max(r) and r[p["rejected_ids"][1]] == min(r)
     assert pairs == D.sample_pairs(None, None, examples, args, None)[0]  # seeded
     many, skipped = D.sample_pairs(None, None, examples, D.Args(group_size=4, batch_size=2, pairs_per_prompt=4), None)
@@ -129,7 +129,7 @@ def test_load_pairs_counts_skipped_prompts(monkeypatch):
     """data/skipped_*_prompts count prompts without a pair, also when one prompt gives several pairs."""
     rewards = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0]]  # 3 train, 2 eval prompts
 
-    def fake_rollout(model, tok, chunk, args, step, rank, amp):
+    def fake_rollout(model, tok, chunk, args, step, rows, amp):
         seqs = [ex["prompt_ids"] + [j] for ex in chunk for j in range(4)]
         return seqs, None, torch.tensor([r for ex in chunk for r in rewards[ex["prompt_ids"][0] - 100]]), None, None
 

@@ -1406,6 +1406,21 @@ def test_generate_seeds_top_k_top_p(tiny_llama):
     assert torch.equal(m.generate(PROMPTS, 16, temperature=1.0, top_p=1e-6, seed=5, **kw)[0], greedy)
 
 
+def test_generate_per_row_seeds_do_not_depend_on_the_batch(tiny_llama):
+    """With one seed per row, a row samples the same completion alone, in another order, or with other rows
+    (another padding): a batch split over ranks samples as one process does."""
+    m, P4, kw = tiny_llama, PROMPTS + [[9, 4]], dict(temperature=1.0, eos_id=[], pad_id=0)
+    seeds = [11, 12, 13, 14]
+    whole = m.generate(P4, 12, seed=seeds, **kw)[0]
+    halves = [m.generate(P4[i::2], 12, seed=seeds[i::2], **kw)[0] for i in (0, 1)]
+    assert torch.equal(whole[0::2], halves[0]) and torch.equal(whole[1::2], halves[1])
+    for i in range(4):
+        assert torch.equal(m.generate([P4[i]], 12, seed=[seeds[i]], **kw)[0][0], whole[i])
+    assert not torch.equal(whole, m.generate(P4, 12, seed=[21, 22, 23, 24], **kw)[0])
+    with pytest.raises(ValueError, match="3 seeds for 4 prompts"):
+        m.generate(P4, 2, seed=seeds[:3], **kw)
+
+
 def test_generate_samples_from_the_right_distribution(tiny_llama):
     """The first sampled token follows softmax(logits / T), and top-k / top-p restrict it to the right set."""
     m, prompt, n = tiny_llama, [5, 17, 3], 3000

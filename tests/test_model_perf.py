@@ -111,9 +111,9 @@ def sample_full_prefill(model, prompts, n, temperature, seed, pad=0):
     mask = (torch.ones(P, P, dtype=torch.bool).tril()[None] & valid[:, None, :P])[:, None]
     mask = mask | torch.eye(P, dtype=torch.bool)
     h = model.trunk(idx, pos, mask, cache)[:, -1]
-    gen, out = torch.Generator().manual_seed(seed), []
+    noise, out = M.sampling_noise(seed, B, n), []
     for t in range(n):
-        out.append(M.sample_next(model.lm_head(h).float(), temperature, 1.0, 0, gen))
+        out.append(M.sample_next(model.lm_head(h).float(), temperature, 1.0, 0, noise[:, t]))
         valid[:, P + t] = True
         h = model.trunk(out[-1][:, None], (P + t - n_pad)[:, None], valid[:, None, None, :P + t + 1], cache)[:, -1]
     return torch.stack(out, 1)
