@@ -389,9 +389,10 @@ def sample_next(logits, temperature, top_p, top_k, u):
         logits = logits.scatter(1, order, srt.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1).double()
     cum = probs.cumsum(-1)  # (B, V)
-    nxt = torch.searchsorted(cum, (u.to(cum) * cum[:, -1])[:, None], right=True).squeeze(1)
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).long().argmax(-1)  # the last token that can be drawn
-    return torch.minimum(nxt, last)
+    total = cum[:, -1:].contiguous()  # (B, 1)
+    nxt = torch.searchsorted(cum, u.to(cum)[:, None] * total, right=True)
+    last = torch.searchsorted(cum, total)  # the first token where cum reaches its total: p > 0 there
+    return torch.minimum(nxt, last).squeeze(1)
 
 
 # ----------------------------------------------------------------------------------------------

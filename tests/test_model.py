@@ -1421,6 +1421,16 @@ def test_generate_per_row_seeds_do_not_depend_on_the_batch(tiny_llama):
         m.generate(P4, 2, seed=seeds[:3], **kw)
 
 
+def test_sample_next_inverse_cdf_edges():
+    """u = 0 takes the first token that can be drawn, u -> 1 the last one, never a token top-k removed."""
+    logits = torch.tensor([[-50.0, 3.0, 1.0, 2.0, -50.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    pick = lambda u, k=0: M.sample_next(logits, 1.0, 1.0, k, torch.tensor(u, dtype=torch.float64)).tolist()
+    assert pick([0.0, 0.0]) == [0, 0]
+    assert pick([1.0, 1.0]) == [3, 4]  # u = 1 only as an edge (u is in [0, 1)); token 4's 1e-23 is below 1 + ulp
+    assert pick([0.0, 0.5], k=3) == [1, 2] and pick([1.0, 0.99], k=3) == [3, 4]
+    assert pick([0.0, 0.3]) == [0, 1]  # 0.3 of five equal tokens: the second
+
+
 def test_generate_samples_from_the_right_distribution(tiny_llama):
     """The first sampled token follows softmax(logits / T), and top-k / top-p restrict it to the right set."""
     m, prompt, n = tiny_llama, [5, 17, 3], 3000
