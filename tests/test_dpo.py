@@ -303,11 +303,11 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_ckpt):
             "--steps", "2", "--eval-size", "5", "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-2"]
     subprocess.run([sys.executable, *base, "--run-name", "one"], cwd=tmp_path, env=env, check=True, capture_output=True)
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    r = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29527", *base, "--run-name", "two"],
+    r = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "two"],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = lambda run: [json.loads(l) for l in (tmp_path / f"runs/{run}/metrics.jsonl").read_text().splitlines()]
-    r = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29528", *base, "--run-name", "fsdp", "--fsdp"],
+    r = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "fsdp", "--fsdp"],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]  # the policy sharded; the reference whole on each rank
     one, two, fsdp = rows("one"), rows("two"), rows("fsdp")

@@ -141,14 +141,14 @@ def test_torchrun_two_processes_equal_one(tmp_path, digits):
                          text=True)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    two = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29518", *base, "--run-name", "two"],
+    two = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "two"],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-2000:]
     a = read_safetensors(tmp_path / "runs/one/model.safetensors")
     b = read_safetensors(tmp_path / "runs/two/model.safetensors")
     for k in a:  # Adam amplifies summation-order noise in near-zero gradients (see tests/test_sft.py)
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
-    fsdp = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29519", *base, "--run-name", "fsdp",
+    fsdp = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "fsdp",
                            "--fsdp"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert fsdp.returncode == 0, fsdp.stderr[-2000:]
     c = read_safetensors(tmp_path / "runs/fsdp/model.safetensors")  # sharded, then gathered into one checkpoint

@@ -112,9 +112,9 @@ def test_track_wandb_offline_logs_the_same_names(monkeypatch, tmp_path):
     assert all(name.encode() in data for name in names - {"step"})  # every metric, under its own name
 
 
-def launch(tmp_path, nproc, *argv, port=29541):
+def launch(tmp_path, nproc, *argv):  # --standalone: torchrun picks a free port
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={port}", *argv] if nproc else [sys.executable, *argv]
+    cmd = [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *argv] if nproc else [sys.executable, *argv]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
@@ -135,15 +135,14 @@ def test_sft_fsdp_equals_one_process_saves_and_resumes(tmp_path):
     state = torch.load(tmp_path / "runs/fsdp/trainer_state.pt", weights_only=True)
     assert state["step"] == 2 and len(state["optimizer"]["state"]) == len(list(saved.parameters()))
     # cut after step 1 (under --fsdp), then resume under --fsdp: the same end as the uninterrupted run
-    launch(tmp_path, 2, *base[:2], "1", *base[3:], "--run-name", "cut", "--fsdp", port=29542)
-    launch(tmp_path, 2, *base, "--run-name", "cut", "--fsdp", "--resume", port=29543)
+    launch(tmp_path, 2, *base[:2], "1", *base[3:], "--run-name", "cut", "--fsdp")
+    launch(tmp_path, 2, *base, "--run-name", "cut", "--fsdp", "--resume")
     assert_same_run(tmp_path / "runs/fsdp", tmp_path / "runs/cut")
 
 
-@pytest.mark.parametrize("script,extra,port", [("grpo", ["--mu", "2"], 29544), ("reinforce", [], 29546),
-                                               ("grape", [], 29548), ("ppo", ["--mini-batches", "1"], 29550),
-                                               ("trpo", ["--mini-batches", "1"], 29554)])
-def test_rl_fsdp_equals_one_process(tmp_path, digits, script, extra, port):
+@pytest.mark.parametrize("script,extra", [("grpo", ["--mu", "2"]), ("reinforce", []), ("grape", []),
+                                          ("ppo", ["--mini-batches", "1"]), ("trpo", ["--mini-batches", "1"])])
+def test_rl_fsdp_equals_one_process(tmp_path, digits, script, extra):
     """2 ranks with --fsdp (and --grad-checkpoint) end where one process ends: each completion is sampled with
     its own seed, whatever the rank that samples it (on `digits` some samples are right and some wrong, so the
     updates depend on which were drawn). grape's critic is the sharded reference (gathered while it judges);
@@ -152,7 +151,7 @@ def test_rl_fsdp_equals_one_process(tmp_path, digits, script, extra, port):
     base = [str(ROOT / f"{script}.py"), "--model", str(digits[0]), "--task", "jsonl", "--data-path", str(digits[1]),
             "--steps", "2", *extra, *GRPO, "--batch-size", "4", "--max-new-tokens", "4"]
     launch(tmp_path, 0, *base, "--run-name", "one")
-    launch(tmp_path, 2, *base, "--run-name", "fsdp", "--fsdp", "--grad-checkpoint", port=port + 1)
+    launch(tmp_path, 2, *base, "--run-name", "fsdp", "--fsdp", "--grad-checkpoint")
     assert_same_run(tmp_path / "runs/one", tmp_path / "runs/fsdp")
     if script in ("ppo", "trpo"):  # the critic and its optimizer state, gathered whole into the checkpoint
         a, b = (torch.load(tmp_path / f"runs/{n}/trainer_state.pt", weights_only=True) for n in ("one", "fsdp"))
@@ -164,6 +163,6 @@ def test_rl_fsdp_equals_one_process(tmp_path, digits, script, extra, port):
         # optimizers come back, so the run ends where the uninterrupted one does
         flags = ["--run-name", "cut", "--fsdp", "--grad-checkpoint"]
         at = base.index("--steps") + 1
-        launch(tmp_path, 2, *base[:at], "1", *base[at + 1:], *flags, port=port + 2)
-        launch(tmp_path, 2, *base, *flags, "--resume", port=port + 3)
+        launch(tmp_path, 2, *base[:at], "1", *base[at + 1:], *flags)
+        launch(tmp_path, 2, *base, *flags, "--resume")
         assert_same_run(tmp_path / "runs/fsdp", tmp_path / "runs/cut")

@@ -156,7 +156,7 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     base = [str(ROOT / "sft.py"), "--steps", "2", "--save-every", "2", *SMALL]
     subprocess.run([sys.executable, *base, "--run-name", "one"], cwd=tmp_path, env=env, check=True, capture_output=True)
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    r = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", *base, "--run-name", "two"],
+    r = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "two"],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a = read_safetensors(tmp_path / "runs/one/model.safetensors")
