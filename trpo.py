@@ -1078,7 +1078,8 @@ def finish(args, run_dir, rank, metrics):
         import wandb
         wandb.finish()
     TRACKER = None
-    if dist.is_initialized():
+    if dist.is_initialized():  # every rank done before any tears down (gloo can abort a rank that exits early)
+        dist.barrier()
         dist.destroy_process_group()
 
 
