@@ -20,27 +20,19 @@ Choices made here where the literature differs:
      The sampling of the pairs and the reference pass are split over ranks and gathered.
   5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
      where the uninterrupted run ends. Offline: the pairs are fixed for the whole run.
-  6. Pairs (--task). arith, gsm8k: k samples of each prompt from the starting model, scored by
-     reward_fn; up to --pairs-per-prompt pairs a prompt, each a random highest-reward sample against a
-     different one of the distinct lowest-reward ones; a prompt whose rewards all tie gives none. hh:
-     Anthropic HH-RLHF, the prompt up to the last "\\n\\nAssistant:" (the same in both, else skipped).
-     jsonl: {"prompt", "chosen", "rejected"} lines. A pair over --max-len tokens is cut: each
-     completion to --max-len / 2, then the prompt from the left.
-  7. The reference's log-probs of every completion are computed once before training and kept (the
-     reference whole on every rank, also under --fsdp, then freed).
-  8. --loss, h = log π_θ/π_ref(y_w) − log π_θ/π_ref(y_l): sigmoid (DPO; --label-smoothing: cDPO),
-     robust (rDPO, arXiv 2403.00409), ipo ((h − 1/(2β))², arXiv 2310.12036, with length-normalised
-     log-ratios by default, as its paper and TRL), hinge (max(0, 1 − βh), SLiC). --rpo-alpha α adds α
-     times the chosen completions' NLL (RPO, arXiv 2404.19733). Defaults β = 0.01, α = 4 (Rafailov
-     et al.: β = 0.1, no NLL; why: docs/experiments.md#dpo).
-  9. Logged: implicit rewards β·log π_θ/π_ref, their margin, preference accuracy (a tie counts 1/2),
-     the policy's log-probs and logp_accuracy; the same held out, and the task's greedy accuracy.
+  6. Pairs (--task). arith, gsm8k: k samples of each prompt from the starting model, scored by reward_fn; up
+     to --pairs-per-prompt pairs a prompt, a random highest-reward sample against a distinct lowest-reward one
+     (all tied: none). hh: Anthropic HH-RLHF, the prompt up to the last "\\n\\nAssistant:". jsonl: {"prompt",
+     "chosen", "rejected"} lines. Over --max-len: each completion cut to --max-len / 2, the prompt from the left.
+  7. The reference's log-probs of every completion are computed once before training and kept (then freed).
+  8. --loss (h = log π_θ/π_ref(y_w) − log π_θ/π_ref(y_l)): sigmoid (DPO; --label-smoothing: cDPO), robust (rDPO,
+     arXiv 2403.00409), ipo ((h − 1/(2β))², arXiv 2310.12036; length-normalised log-ratios, as its paper and
+     TRL), hinge (max(0, 1 − βh), SLiC). --rpo-alpha α adds α × the chosen NLL (RPO, arXiv 2404.19733).
+     Defaults β = 0.01, α = 4 (Rafailov et al.: β = 0.1, no NLL; why: docs/experiments.md#dpo).
+  9. Logged: implicit rewards β·log π_θ/π_ref, their margin, preference accuracy (a tie counts 1/2), log-probs.
 
-Run:
-  python sft.py && python dpo.py                        # tiny model, `arith`, CPU
-  python dpo.py --task hh --max-len 256 --rpo-alpha 0   # HH-RLHF pairs, tiny model
-  bash docs/smollm2.sh dpo                              # real weights (SmolLM2-135M-Instruct), CPU
-  torchrun --nproc_per_node=2 dpo.py                    # data parallel
+Run: python sft.py && python dpo.py   (real weights, GPUs, torchrun: README.md)
+     python dpo.py --task hh --max-len 256 --rpo-alpha 0   (HH-RLHF pairs)
 """
 
 import argparse
@@ -136,9 +128,9 @@ class Args:
     length_norm: Literal["auto", "on", "off"] = "auto"
     """divide each log-ratio by its completion's length in tokens; auto: on for ipo (as its paper), else off"""
     max_len: int = 0
-    """hh, jsonl: tokens of prompt + longer completion kept (0: the model's context); see choice 1"""
+    """hh, jsonl: tokens of prompt + longer completion kept (0: the model's context); see choice 6"""
     pairs_per_prompt: int = 1
-    """arith, gsm8k: pairs made from one prompt's samples, each with a different rejected one (choice 1)"""
+    """arith, gsm8k: pairs made from one prompt's samples, each with a different rejected one (choice 6)"""
     group_size: int = 8
     """k: completions sampled per prompt"""
     temperature: float = 1.0

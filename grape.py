@@ -25,34 +25,22 @@ Choices made here where the literature differs:
      forward, detached, so μ = 1 is the on-policy gradient. ε_low 0.2, ε_high 0.28 (DAPO's clip-higher).
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
-     the same T, recomputed by the training forward pass (never the sampler's numbers); here those
-     of the policy, the old policy π_old and the reference.
+     the same T, recomputed by the training forward pass (never the sampler's numbers).
   6. Truncated completions (no EOS) keep their reward (a failure) unless --mask-truncated drops them
      from the loss (DAPO); they still count in their group's statistics.
-  7. Rubric (this and 8-12: the paper leaves them open): JSON {category: [items]} (--rubric, else
-     DEFAULT_RUBRIC). An item: {"name", "kind": "checked" | "judged", "weight": λ > 0} plus "check" (one
-     of CHECKS: score 0 or 1, confidence 1) or "question". Category: the example's "category", else
-     --category.
-  8. Judged items: the local critic (the frozen reference, or --judge-model) reads in one forward pass
-     P(yes), P(no) after the problem, the completion and the question: s = P(yes) / (P(yes) + P(no)),
-     c = |2s − 1|. Over HTTP (--judge-url, OpenAI chat completions) it replies {"score", "confidence",
-     "reason"} (outside [0, 1]: an error; retried).
-  9. c is how decisive the critic is, not whether it is right. w_k averages c over the batch's
-     completions in the item's category, over all ranks: an item the critic cannot judge counts less.
-  10. Reward hacking: the completion is pasted into the critic's prompt, so the policy can learn text
-     that sways it. Keep checked items heavy, read samples, and distrust a judged score that rises
-     while eval/accuracy does not.
-  11. --per-item-advantages (beyond the paper): each item's scores get grpo.py's group advantages,
-     then A_i = Σ_k w_k A_ik / Σ_k w_k, so an item with a small spread is not drowned.
-  12. Logged: rubric/<name>/score, /confidence, /weight; every evaluation adds eval/rubric/<name>, the
-     held-out mean of each checked item on the greedy completions.
+  7. Rubric (7-11: the paper leaves them open): JSON {category: [items]} (--rubric, else DEFAULT_RUBRIC); an
+     item {"name", "kind": "checked" | "judged", "weight": λ > 0} with a "check" (one of CHECKS: score 0 or 1,
+     confidence 1) or a "question". An example's category: its "category", else --category.
+  8. Judged items: the local critic (the frozen reference, or --judge-model) reads P(yes), P(no) after the
+     problem, completion and question in one forward: s = P(yes) / (P(yes) + P(no)), c = |2s − 1|. Over HTTP
+     (--judge-url, OpenAI chat completions) it replies {"score", "confidence", "reason"}, each in [0, 1].
+  9. c is how decisive the critic is, not whether it is right; w_k averages c over the batch's completions in
+     the item's category, over all ranks. The policy can learn text that sways a judge: keep checked items heavy.
+  10. --per-item-advantages (beyond the paper): group advantages of each item's scores, A_i = Σ_k w_k A_ik / Σ_k w_k.
+  11. Logged: rubric/<name>/score, /confidence, /weight; eval/rubric/<name>, the held-out mean of each checked item.
 
-Run:
-  python sft.py && python grape.py                      # tiny model, `arith`, CPU
-  python grape.py --judge-url http://localhost:8000/v1 \\
-      --judge-name Qwen/Qwen2.5-7B-Instruct             # an external judge (vLLM)
-  bash docs/smollm2.sh grape                            # real weights (SmolLM2-135M-Instruct), CPU
-  torchrun --nproc_per_node=2 grape.py                  # data parallel
+Run: python sft.py && python grape.py   (real weights, GPUs, torchrun: README.md)
+     python grape.py --judge-url http://localhost:8000/v1 --judge-name Qwen/Qwen2.5-7B-Instruct   (vLLM judge)
 """
 
 import argparse
@@ -145,6 +133,8 @@ class Args:
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
     """nucleus sampling of the rollouts (1: off)"""
+    beta: float = 0.04
+    """KL penalty coefficient β; 0: no reference model"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide the group-centred rewards by the std of the group | batch | none (Dr. GRPO)"""
     mu: int = 1
@@ -153,8 +143,6 @@ class Args:
     """ε_low: the ratio is clipped below at 1 − ε_low"""
     clip_high: float = 0.28
     """ε_high: the ratio is clipped above at 1 + ε_high"""
-    beta: float = 0.04
-    """KL penalty coefficient; 0: no reference model"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """per-token KL estimate: k1 (log π/π_ref) | k2 (½ log² π/π_ref) | k3 (π_ref/π − log π_ref/π − 1)"""
     kl_in: Literal["loss", "reward"] = "loss"
@@ -535,8 +523,8 @@ def main():
         t_judge = time.time() - t0 - t_gen
         batch = collate(seqs, masks, tok.pad_id, device)
         mask, n_seqs = batch[2], args.batch_size * args.group_size
-        # log π_old, of the policy that sampled: the first update's own forward (π_θ is π_old until its step),
-        # unless the KL goes into the reward, which needs it before the advantages
+        # log π_old, of the policy that sampled, and log π_ref
+        # (log π_old: the first update's own forward, unless --kl-in reward needs it before the advantages)
         old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature) \
             if args.kl_in == "reward" else torch.zeros(mask.shape, device=device)
         ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \

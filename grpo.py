@@ -21,15 +21,11 @@ Choices made here where the literature differs:
      forward, detached, so μ = 1 is the on-policy gradient. ε_low 0.2, ε_high 0.28 (DAPO's clip-higher).
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
-     the same T, recomputed by the training forward pass (never the sampler's numbers); here those
-     of the policy, the old policy π_old and the reference.
+     the same T, recomputed by the training forward pass (never the sampler's numbers).
   6. Truncated completions (no EOS) keep their reward (a failure) unless --mask-truncated drops them
      from the loss (DAPO); they still count in their group's statistics.
 
-Run:
-  python sft.py && python grpo.py                       # tiny model, `arith`, CPU
-  bash docs/smollm2.sh grpo                             # real weights (SmolLM2-135M-Instruct), CPU
-  torchrun --nproc_per_node=2 grpo.py                   # data parallel
+Run: python sft.py && python grpo.py   (real weights, GPUs, torchrun: README.md)
 """
 
 import argparse
@@ -119,6 +115,8 @@ class Args:
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
     """nucleus sampling of the rollouts (1: off)"""
+    beta: float = 0.04
+    """KL penalty coefficient β; 0: no reference model"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide the group-centred rewards by the std of the group | batch | none (Dr. GRPO)"""
     mu: int = 1
@@ -127,8 +125,6 @@ class Args:
     """ε_low: the ratio is clipped below at 1 − ε_low"""
     clip_high: float = 0.28
     """ε_high: the ratio is clipped above at 1 + ε_high"""
-    beta: float = 0.04
-    """KL penalty coefficient; 0: no reference model"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """per-token KL estimate: k1 (log π/π_ref) | k2 (½ log² π/π_ref) | k3 (π_ref/π − log π_ref/π − 1)"""
     kl_in: Literal["loss", "reward"] = "loss"
@@ -219,8 +215,8 @@ def main():
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         mask, n_seqs = batch[2], args.batch_size * args.group_size
-        # log π_old, of the policy that sampled: the first update's own forward (π_θ is π_old until its step),
-        # unless the KL goes into the reward, which needs it before the advantages
+        # log π_old, of the policy that sampled, and log π_ref
+        # (log π_old: the first update's own forward, unless --kl-in reward needs it before the advantages)
         old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature) \
             if args.kl_in == "reward" else torch.zeros(mask.shape, device=device)
         ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \

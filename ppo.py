@@ -23,21 +23,14 @@ Choices made here where the literature differs:
      entropy bonus.
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
-     the same T, recomputed by the training forward pass (never the sampler's numbers); here those
-     of the policy, the old policy π_old and the reference.
+     the same T, recomputed by the training forward pass (never the sampler's numbers).
   6. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
-  7. --epochs passes over each batch in --mini-batches shuffled mini-batches, one optimizer step
-     each; the policy's epochs first, then the critic's over the same mini-batches (separate
-     networks and optimizers: the same as interleaving them).
-  8. Logged: approx_kl, the k3 estimate of KL(π_old ‖ π_θ), and clipfrac (|ρ − 1| > ε), averaged over
-     the epochs; explained variance 1 − Var(R − V_old) / Var(R); train/kl, Σ_t k1 per sequence.
-  9. One completion for each of 64 prompts per step, as in RLHF: the critic is the baseline.
-Memory: three models (policy, reference, critic) and two optimizer states; --fsdp shards them all.
+  7. --epochs passes over each batch in --mini-batches shuffled mini-batches, one optimizer step each: the
+     policy's epochs, then the critic's over the same mini-batches (the same as interleaving them).
+  8. One completion for each of 64 prompts per step, as in RLHF: the critic is the baseline. Logged: approx_kl
+     (k3 of KL(π_old ‖ π_θ)), clipfrac (|ρ − 1| > ε), explained variance 1 − Var(R − V_old) / Var(R).
 
-Run:
-  python sft.py && python ppo.py                        # tiny model, `arith`, CPU
-  bash docs/smollm2.sh ppo                              # real weights (SmolLM2-135M-Instruct), CPU
-  torchrun --nproc_per_node=2 ppo.py                    # data parallel
+Run: python sft.py && python ppo.py   (real weights, GPUs, torchrun: README.md)
 """
 
 import argparse
@@ -123,15 +116,15 @@ class Args:
     WANDB_MODE says otherwise)"""
     # PPO
     group_size: int = 1
-    """k: completions sampled per prompt (the critic is the baseline, so one is enough)"""
+    """k: completions sampled per prompt"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
     """nucleus sampling of the rollouts (1: off)"""
+    beta: float = 0.02
+    """KL penalty coefficient β; 0: no reference model"""
     whiten: bool = True
     """normalise the advantages to mean 0, std 1 over the batch's completion tokens"""
-    beta: float = 0.02
-    """KL penalty coefficient (k1 per token, in the per-token reward); 0: no reference model"""
     kl_target: float = 0.0
     """adaptive β: the KL per sequence to steer towards (0: β stays fixed)"""
     kl_horizon: int = 10000
@@ -282,10 +275,11 @@ def main():
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         (ids, targets, mask), n_seqs = batch, args.batch_size * args.group_size
-        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)  # log π_old
-        kl = torch.zeros_like(old_logp)  # k1 = log π/π_ref per token
-        if ref is not None:
-            kl = (old_logp - sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature)) * mask
+        # log π_old, of the policy that sampled, and log π_ref
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)
+        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \
+            if ref is not None else None
+        kl = (old_logp - ref_logp) * mask if ref is not None else torch.zeros_like(old_logp)  # k1 per token
         old_values = critic_values(critic, ids, mask, args.micro_batch_size, amp)
         shaped = rewards.to(device) - args.no_eos_penalty * (~ended).to(device)
         adv, returns = gae(token_rewards(shaped, kl, mask, beta), old_values, mask, args.gamma, args.lam)

@@ -9,25 +9,16 @@ policy, score them, and follow the policy gradient of the expected reward with a
     R(x,y) = r(x,y) − β Σ_t (log π_θ(y_t | ·) − log π_ref(y_t | ·))   (k1 KL folded into the reward)
 
 Choices made here where the literature differs:
-  1. Baseline: leave-one-out (RLOO): b_i = mean of the other k − 1 rewards of the same prompt, which
-     keeps the gradient unbiased; or an exponential moving average of past batch rewards (--baseline
-     ema); or none. Optional whitening of the advantages over the batch (--whiten).
-  2. KL: the per-token k1 estimate log π_θ − log π_ref on the sampled tokens, summed over the
-     completion and subtracted from the reward (not a separate loss term), as in RLOO and the RLHF
-     recipe. With β = 0 no reference model is loaded.
-  3. Loss: −Σ_t A_i log π_θ(y_t) summed over each completion's tokens (the gradient of the sequence
-     log-probability, as REINFORCE has it) and averaged over the batch's sequences; the EOS is one
-     of the completion's tokens.
+  1. Baseline: leave-one-out (RLOO, unbiased): b_i = the mean of the prompt's other k − 1 rewards; or a moving
+     average of past batch means (--baseline ema); or none. --whiten: advantages to mean 0, std 1 over the batch.
+  2. KL: Σ_t k1 over the completion, subtracted from the reward (as RLOO and the RLHF recipe); β = 0: no reference.
+  3. Loss: −A_i Σ_t log π_θ(y_t), EOS included, averaged over the batch's sequences.
   4. On policy: one gradient step per batch of fresh samples, so no importance ratio is needed.
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
-     the same T, recomputed by the training forward pass (never the sampler's numbers); here those
-     of the policy and the reference.
+     the same T, recomputed by the training forward pass (never the sampler's numbers).
 
-Run:
-  python sft.py && python reinforce.py                  # tiny model, `arith`, CPU
-  bash docs/smollm2.sh reinforce                        # real weights (SmolLM2-135M-Instruct), CPU
-  torchrun --nproc_per_node=2 reinforce.py              # data parallel
+Run: python sft.py && python reinforce.py   (real weights, GPUs, torchrun: README.md)
 """
 
 import argparse
@@ -117,14 +108,14 @@ class Args:
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
     """nucleus sampling of the rollouts (1: off)"""
+    beta: float = 0.02
+    """KL penalty coefficient β; 0: no reference model"""
     baseline: Literal["rloo", "ema", "none"] = "rloo"
     """rloo (mean reward of the prompt's other k−1 completions) | ema | none"""
     ema_decay: float = 0.9
     """--baseline ema: weight of the old value in the moving average"""
     whiten: bool = False
     """normalise the advantages to mean 0, std 1 over the batch"""
-    beta: float = 0.02
-    """KL penalty coefficient (k1 per token, folded into the reward); 0: no reference model"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,11 +182,14 @@ def main():
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         mask, n_seqs = batch[2], args.batch_size * args.group_size
-        kl_seq = torch.zeros(len(seqs), device=device)  # Σ_t k1 = Σ_t log π/π_ref per sequence
-        if ref is not None:
-            kl_seq = ((sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)
-                       - sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature)) * mask).sum(1)
-        shaped = rewards.to(device) - args.beta * kl_seq  # the reward with the KL penalty folded in
+        # log π_old, of the policy that sampled, and log π_ref
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature) \
+            if ref is not None else None
+        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \
+            if ref is not None else None
+        shaped = rewards.to(device)
+        if ref is not None:  # the reward with the KL penalty folded in
+            shaped = shaped - args.beta * ((old_logp - ref_logp) * mask).sum(1)
         (shaped_sum,) = all_sum(shaped.sum().item())
         ema = shaped_sum / n_seqs if ema is None else ema  # the first batch's mean over every rank
         adv = advantages(shaped.view(-1, args.group_size), args.baseline, ema).reshape(-1)
@@ -205,13 +199,15 @@ def main():
             adv = whiten(adv, a_sum / n_seqs, math.sqrt(max(a_sq / n_seqs - (a_sum / n_seqs) ** 2, 0.0)))
         loss_sum, ent_sum = 0.0, 0.0
         for i in range(0, len(seqs), args.micro_batch_size):
-            ids, targets, m = (x[i:i + args.micro_batch_size] for x in batch)
+            sl = slice(i, i + args.micro_batch_size)
+            ids, targets, m = batch[0][sl], batch[1][sl], mask[sl]
             with amp:
                 logp, ent = policy(ids, targets, mask=m, temperature=args.temperature, entropy=True)
-                loss = reinforce_loss(logp, m, adv[i:i + args.micro_batch_size], n_seqs)
+                loss = reinforce_loss(logp, m, adv[sl], n_seqs)
             loss.backward()
             loss_sum, ent_sum = loss_sum + loss.item(), ent_sum + (ent.detach() * m).sum().item()
         loss_sum, grad_norm = optimizer_step(policy, opt, args, loss_sum, step, run_dir)
+        kl_seq = ((old_logp - ref_logp) * batch[2]).sum(1) if ref is not None else torch.zeros(1)  # Σ_t k1, logged
         ent_sum, n_tok, kl_sum = all_sum(ent_sum, mask.sum().item(), kl_seq.sum().item())
         metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
             "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm, "train/kl": kl_sum / n_seqs,

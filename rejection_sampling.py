@@ -15,24 +15,21 @@ Choices made here where the literature differs:
      ranks): the gradient is the same however the batch is split. A mean per micro-batch would not
      be.
   3. AdamW (β = 0.9, 0.95; weight decay on matrices only), linear warmup then cosine decay to 10 %
-     of the peak rate, gradient norm clipped. bf16 autocast on CUDA, fp32 on CPU. --steps counts
-     rounds: the rate follows the schedule over the rounds, constant within one.
+     of the peak rate, gradient norm clipped. bf16 autocast on CUDA, fp32 on CPU.
   4. Data parallel under torchrun: each rank takes its share of the batch, gradients are summed with
      one all-reduce (gloo on CPU, NCCL on GPU) and, with choice 2, equal the one-process gradient.
      Each rank samples its share of the round's prompts; the kept set is gathered in prompt order.
   5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
      where the uninterrupted run ends.
-  6. Filter: of each prompt's k samples the best one if its reward is at least --threshold τ (RAFT,
-     Llama 2; ties: the first sampled), or with --keep all every one that passes (ReST-EM), once each
-     (--dedup). A completion cut off by --max-new-tokens is never kept.
-  7. Each round continues from the current policy and its AdamW state (RAFT, expert iteration);
-     --from-base fine-tunes the starting model afresh each round (ReST-EM), which limits drift.
-  8. Each round fine-tunes for --epochs passes over its kept set in a seeded order.
+  6. Filter: of each prompt's k samples the best one if its reward is at least --threshold τ (RAFT, Llama 2;
+     ties: the first sampled), or with --keep all every one that passes (ReST-EM), once each (--dedup). A
+     completion cut off by --max-new-tokens is never kept.
+  7. Each round continues from the current policy and its AdamW state (RAFT, expert iteration); --from-base
+     fine-tunes the starting model afresh each round (ReST-EM), which limits drift.
+  8. --steps counts rounds, each --epochs passes over its kept set in a seeded order; the learning rate follows
+     the schedule over the rounds, constant within one.
 
-Run:
-  python sft.py && python rejection_sampling.py         # tiny model, `arith`, CPU
-  bash docs/smollm2.sh rejection_sampling               # real weights (SmolLM2-135M-Instruct), CPU
-  torchrun --nproc_per_node=2 rejection_sampling.py     # data parallel
+Run: python sft.py && python rejection_sampling.py   (real weights, GPUs, torchrun: README.md)
 """
 
 import argparse
@@ -68,7 +65,7 @@ from model import GPT, Tokenizer, tiny_config
 @dataclass
 class Args:
     model: str = "runs/sft"
-    """starting checkpoint: a Hugging Face directory, a hub id or a .gguf file"""
+    """starting checkpoint: `tiny` (from scratch), a Hugging Face directory, a hub id or a .gguf file"""
     task: Literal["arith", "gsm8k", "jsonl"] = "arith"
     """arith (built in) | gsm8k | jsonl"""
     data_path: str = ""
@@ -87,13 +84,13 @@ class Args:
     steps: int = 10
     """rounds: sample, filter, fine-tune"""
     batch_size: int = 16
-    """kept sequences per optimizer step, over all ranks"""
+    """sequences per optimizer step, over all ranks"""
     micro_batch_size: int = 16
     """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
     lr: float = 3e-4
     """peak learning rate"""
     warmup_steps: int = 0
-    """linear warmup rounds, then cosine decay to 10 % of --lr over the rounds"""
+    """linear warmup steps, then cosine decay to 10 % of --lr"""
     weight_decay: float = 0.1
     """AdamW weight decay of the matrices"""
     grad_clip: float = 1.0
@@ -101,9 +98,9 @@ class Args:
     max_new_tokens: int = 64
     """generation budget of one completion"""
     eval_every: int = 1
-    """evaluate every this many rounds (0: only before and after)"""
+    """evaluate every this many steps (0: only before and after)"""
     save_every: int = 1
-    """checkpoint every this many rounds (and at the end)"""
+    """checkpoint every this many steps (and at the end)"""
     resume: bool = False
     """continue runs/<run-name> from its last checkpoint"""
     grad_checkpoint: bool = False
@@ -222,7 +219,7 @@ def main():
                 f"{args.group_size} samples a round, keep {args.keep} >= {args.threshold}, {args.epochs:g} epochs of "
                 f"batch {args.batch_size} = {world} ranks x "
                 f"{per_rank // micro} micro-batches x {micro} | {len(train)} train, {len(evals)} eval examples")
-    for step in bar:  # one round: sample k of each prompt, keep, fine-tune for E epochs
+    for step in bar:
         t0, lr = time.time(), set_lr(opt, step, args)
         prompts = [train[i] for i in batch_indices(step, args.prompts_per_round, len(train), args.seed)]
         shard, items, n_pass, n_accept, reward_sum = list(enumerate(prompts))[rank::world], [], 0, 0, 0.0
@@ -252,13 +249,13 @@ def main():
             loss, grad_norm = sft_step(model, opt, batch, tok, args, step, run_dir, amp)
             loss_total, grad_total = loss_total + loss, grad_total + grad_norm
             n_seen += sum(len(ex["prompt_ids"]) + len(ex["completion_ids"]) for ex in batch)
+        loss, grad_norm = loss_total / max(1, n_steps), grad_total / max(1, n_steps)
         n_samples = len(prompts) * args.group_size
-        metrics = {"train/loss": loss_total / max(1, n_steps), "train/reward": reward_sum / n_samples,
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/tokens_per_sec":
+                   n_seen / (time.time() - t0 - t_gen), "train/reward": reward_sum / n_samples,
                    "train/acceptance_rate": n_accept / len(prompts), "train/pass_rate": n_pass / n_samples,
-                   "train/kept": len(kept), "train/opt_steps": n_steps, "train/lr": lr,
-                   "train/grad_norm": grad_total / max(1, n_steps), "perf/gen_seconds": t_gen,
-                   "perf/train_seconds": time.time() - t0 - t_gen,
-                   "perf/tokens_per_sec": n_seen / (time.time() - t0 - t_gen)}
+                   "train/kept": len(kept), "train/opt_steps": n_steps, "perf/gen_seconds": t_gen,
+                   "perf/train_seconds": time.time() - t0 - t_gen}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             metrics |= evaluate(model, tok, evals, args, amp)
         end_step(model, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt})

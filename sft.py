@@ -19,10 +19,7 @@ Choices made here where the literature differs:
   5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
      where the uninterrupted run ends.
 
-Run:
-  python sft.py                                         # tiny model, `arith`, CPU
-  bash docs/smollm2.sh sft                              # real weights (SmolLM2-135M-Instruct), CPU
-  torchrun --nproc_per_node=2 sft.py                    # data parallel
+Run: python sft.py   (real weights, GPUs, torchrun: README.md)
 """
 
 import argparse

@@ -1,10 +1,10 @@
 """
 trpo.py: trust region policy optimization with a learned value function (actor-critic).
 
-Schulman et al. 2015 (TRPO, arXiv 1502.05477) for language models: ppo.py with the policy step
-replaced (the exposition follows Patel, arXiv 2509.04501). Where PPO takes several small clipped
-steps per batch, TRPO takes one: the largest step along the natural gradient whose KL from the old
-policy stays within δ (E_t: the mean over the batch's completion tokens):
+Schulman et al. 2015 (TRPO, arXiv 1502.05477) for language models, ppo.py with the policy step replaced; the exposition
+follows Patel, arXiv 2509.04501. Sample completions y of prompts x from π_old, give every completion
+token a reward, estimate its advantage with a critic V, then take one step: the largest along the natural
+gradient whose mean KL from π_old over the batch's completion tokens (E_t) stays within δ:
 
     max_θ E_t [ ρ_t A_t ]   subject to   KL̄(θ) = E_t [ KL(π_old(· | s_t) ‖ π_θ(· | s_t)) ] ≤ δ,
     r_t = −β (log π_old(y_t | s_t) − log π_ref(y_t | s_t)) + [t = last] r(x, y),   s_t = (x, y_<t),
@@ -18,37 +18,24 @@ Choices made here where the literature differs:
      (Ziegler et al. 2019, arXiv 1909.08593).
   3. GAE with γ = 1, λ = 0.95; a truncated completion is not bootstrapped; returns R_t = A_t + V_old.
      Advantages whitened once per batch over all its completion tokens and ranks.
-  4. Policy step (in place of ppo.py's clipped epochs): x solves (F + damping · I) x = g, g = ∇ E_t[ρ_t A_t]
-     at θ_old, by --cg-iters of conjugate gradient; F, the Hessian of KL̄, is never formed: F v =
-     ∇θ((∇θ KL̄)ᵀ v). The step s = sqrt(2δ / xᵀ(F + damping · I) x) · x; backtracking over θ_old + 0.5^i s
-     keeps the first θ with measured KL̄ ≤ δ and a better surrogate (the original also asks for a
-     fraction of gᵀs, logged as train/expected_gain), else θ_old stays. --grad-clip is the critic's.
+  4. Policy step (in place of ppo.py's epochs): x solves (F + damping · I) x = g, g = ∇ E_t[ρ_t A_t] at θ_old,
+     by --cg-iters of conjugate gradient, F v = ∇θ((∇θ KL̄)ᵀ v) (F never formed); s = sqrt(2δ / xᵀ(F + damping·I)x) x.
+     Backtracking over θ_old + 0.5^i s keeps the first θ with measured KL̄ ≤ δ and a surrogate gain > 0 (the
+     original also asks for a fraction of gᵀs, logged as train/expected_gain), else θ_old stays.
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
-     the same T, recomputed by the training forward pass (never the sampler's numbers); here those
-     of the policy, the old policy π_old and the reference, and the vocabulary
-     log-probs behind KL̄ and the Fisher-vector products.
+     the same T, recomputed by the training forward pass (never the sampler's numbers).
   6. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
-  7. Updates: one policy step per batch; --epochs and --mini-batches are the critic's alone here.
-  8. Logged: train/kl_step, the measured KL̄ of the accepted step (0 when rejected), train/max_kl δ_t,
-     train/step_cos_gradient the cosine of s to g.
-  9. KL̄ is exact over the whole vocabulary at each completion token, from the logits there: the one
-     place with logits, since the fused log-prob and attention kernels have no double backward.
-  10. F from every --fvp-subsample-th sequence (Schulman 2016: 10 % of the data); g, KL̄ and the line
-     search use the whole batch. F's KL graph and first backward are kept: a CG iteration is one backward.
-  11. θ_old is kept as a flat vector, π_old as its vocabulary log-probs, so a line-search try is one
-     forward. Under torchrun g, F v, KL̄ and the surrogate are summed over ranks: one step on every rank.
-     --fsdp shards the reference and the critic; the policy stays whole on every rank (the double backward
-     and the flat vectors need it whole; it has no optimizer state to shard).
-  12. δ is annealed: δ_t = δ (lr_t / lr)², lr_t the other scripts' schedule, so the step's length (∝ √δ_t)
-     follows it; --lr acts only there. The original keeps δ fixed.
-  13. Defaults: 60 steps of 32 prompts x 4 (ppo.py: 100 of 64 x 1); --cg-damping 1.0, so that 5 CG
-     iterations solve the system. Measured numbers, cost and memory: docs/experiments.md#trpo.
+  7. One policy step per batch; --epochs, --mini-batches and --grad-clip are the critic's alone here.
+  8. KL̄ is exact over the vocabulary, from the logits (/ T) at each completion token: the fused log-prob and
+     attention kernels have no double backward. F from every --fvp-subsample-th sequence (Schulman 2016: 10 %
+     of the data; its graph kept, so a CG iteration is one backward); g, KL̄ and the line search see the batch.
+  9. Under torchrun g, F v, KL̄ and the surrogate are summed over ranks; --fsdp shards the reference and the
+     critic only (the policy's flat vectors and double backward need it whole; it has no optimizer state).
+  10. δ is annealed, δ_t = δ (lr_t / lr)², so the step's length (∝ √δ_t) follows the other scripts' schedule;
+     --lr acts only there (the original keeps δ fixed). Defaults, costs, measurements: docs/experiments.md#trpo.
 
-Run:
-  python sft.py && python trpo.py                       # tiny model, `arith`, CPU
-  bash docs/smollm2.sh trpo                             # real weights (SmolLM2-135M-Instruct), CPU
-  torchrun --nproc_per_node=2 trpo.py                   # data parallel
+Run: python sft.py && python trpo.py   (real weights, GPUs, torchrun: README.md)
 """
 
 import argparse
@@ -141,10 +128,10 @@ class Args:
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
     """nucleus sampling of the rollouts (1: off)"""
+    beta: float = 0.02
+    """KL penalty coefficient β; 0: no reference model"""
     whiten: bool = True
     """normalise the advantages to mean 0, std 1 over the batch's completion tokens"""
-    beta: float = 0.02
-    """KL penalty coefficient (k1 per token, in the per-token reward); 0: no reference model"""
     kl_target: float = 0.0
     """adaptive β: the KL per sequence to steer towards (0: β stays fixed)"""
     kl_horizon: int = 10000
@@ -156,19 +143,17 @@ class Args:
     lam: float = 0.95
     """λ of generalized advantage estimation (1: Monte Carlo returns; 0: one-step TD)"""
     epochs: int = 2
-    """K: the critic's passes over each batch"""
+    """K: passes over each batch"""
     mini_batches: int = 2
-    """critic optimizer steps per epoch: the batch is shuffled and split into this many mini-batches"""
+    """optimizer steps per epoch: the batch is shuffled and split into this many mini-batches"""
     max_kl: float = 0.002
-    """δ: the trust region, the most mean KL(π_old ‖ π_θ) per completion token one step may take, at the
-    peak of the schedule (δ_t = δ (lr_t / lr)², warmup and cosine decay as --lr)"""
+    """δ: the trust region, mean KL(π_old ‖ π_θ) per completion token, at the peak of the lr schedule"""
     cg_iters: int = 5
     """conjugate-gradient iterations (one Fisher-vector product each)"""
     cg_damping: float = 1.0
     """CG solves (F + damping · I) x = g"""
     fvp_subsample: int = 16
-    """F from every n-th sequence of the batch only (1: all; the same sequences on any number of ranks): it only
-    sets the metric of the step"""
+    """F from every n-th sequence of the batch only (1: all): it only sets the metric of the step"""
     line_search_steps: int = 10
     """backtracking tries (the step halved each time) before the step is rejected"""
     vf_clip: float = 0.2
@@ -253,19 +238,14 @@ def vocab_logprobs(model, ids, mask, amp, temperature):
 
 
 def kl_exact(old, new):
-    """old, new (N, V) log-probabilities -> (N,) KL(π_old ‖ π_new)
-    = Σ_v π_old(v) (log π_old(v) − log π_new(v))."""
+    """old, new (N, V) log-probabilities -> (N,) KL(π_old ‖ π_new) = Σ_v π_old(v) (log π_old(v) − log π_new(v))."""
     return (old.exp() * (old - new)).sum(-1)
 
 
 def fisher_vector_product(policy, batch, n_tokens, micro_batch_size, amp, temperature):
-    """v -> F v, for F the Hessian at θ = θ_old
-    of KL̄(θ) = Σ_t KL(π_old(· | s_t) ‖ π_θ(· | s_t)) / n_tokens,
-    the Fisher matrix of the policy's token distributions on this batch: F v = ∇θ((∇θ KL̄)ᵀ v), a double
-    backward, with F never formed. The policy must be at θ_old: then π_old is π_θ detached, and one
-    forward gives both. The forward and the first backward are done here, once, and their graphs are
-    kept (micro-batch by micro-batch), so that each product is one backward through them; v and F v
-    are flat (n_params,), F v summed over ranks."""
+    """v -> F v (flat, (n_params,), summed over ranks), F the Hessian of KL̄(θ) = Σ_t KL(π_old(· | s_t) ‖ π_θ(· | s_t))
+    / n_tokens at θ_old (the policy must be there, so that π_old is π_θ detached): F v = ∇θ((∇θ KL̄)ᵀ v). The forward
+    and first backward are done once here and their graphs kept: each product is one backward through them."""
     ids, _, mask = batch
     params, grads = list(policy.parameters()), []
     with sdpa_kernel(SDPBackend.MATH):  # the attention kernel with a double backward
@@ -286,9 +266,8 @@ def fisher_vector_product(policy, batch, n_tokens, micro_batch_size, amp, temper
 
 
 def conjugate_gradient(Avp, b, iters, tol=1e-10):
-    """Solve A x = b for a symmetric positive-definite A known only through v -> A v: `iters` steps of
-    conjugate gradient from x = 0. Returns x, the residual r = b − A x (tracked, not recomputed) and
-    the number of products used."""
+    """Solve A x = b, A symmetric positive-definite, known through v -> A v, by `iters` steps of conjugate
+    gradient from x = 0. Returns x, the residual r = b − A x (tracked) and the number of products used."""
     x, r, p = torch.zeros_like(b), b.clone(), b.clone()
     rr, n = r @ r, 0
     while n < iters and rr > tol:
@@ -326,10 +305,8 @@ def kl_and_gain(policy, old, batch, adv, n_tokens, micro_batch_size, amp, temper
 
 
 def line_search(policy, theta_old, full_step, measure, max_kl, tries):
-    """Backtracking: θ = θ_old + 0.5^i full_step for i = 0, 1, ..., tries − 1; keep the first θ whose
-    measured mean KL is at most max_kl and whose surrogate gain is positive, else put θ_old back.
-    θ_old, full_step flat (n_params,); `measure()` gives (KL, gain) at the policy's current parameters.
-    Returns (accepted, KL, gain, tries used)."""
+    """Backtracking over θ = θ_old + 0.5^i full_step (flat), i < tries: keep the first θ where measure() gives
+    KL ≤ max_kl and a gain > 0, else put θ_old back. Returns (accepted, KL, gain, tries used)."""
     for i in range(tries):
         vector_to_parameters(theta_old + 0.5 ** i * full_step, policy.parameters())
         kl, gain = measure()
@@ -394,10 +371,11 @@ def main():
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         (ids, targets, mask), n_seqs = batch, args.batch_size * args.group_size
-        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)  # log π_old
-        kl = torch.zeros_like(old_logp)  # k1 = log π/π_ref per token
-        if ref is not None:
-            kl = (old_logp - sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature)) * mask
+        # log π_old, of the policy that sampled, and log π_ref
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)
+        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \
+            if ref is not None else None
+        kl = (old_logp - ref_logp) * mask if ref is not None else torch.zeros_like(old_logp)  # k1 per token
         old_values = critic_values(critic, ids, mask, args.micro_batch_size, amp)
         shaped = rewards.to(device) - args.no_eos_penalty * (~ended).to(device)
         adv, returns = gae(token_rewards(shaped, kl, mask, beta), old_values, mask, args.gamma, args.lam)
