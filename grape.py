@@ -101,6 +101,8 @@ class Args:
     """prompts per optimizer step, over all ranks (each with --group-size completions)"""
     micro_batch_size: int = 64
     """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
+    micro_batch_tokens: int = 2048
+    """a micro-batch over this many tokens (rows x longest) is cut in shorter ones (0: off; GPU: raise it)"""
     lr: float = 1e-4
     """peak learning rate"""
     warmup_steps: int = 5
@@ -544,14 +546,15 @@ def main():
         loss_sum, totals = 0.0, np.zeros(4)  # entropy, clipped below, clipped above, grad norm: over the μ updates
         for update in range(args.mu):
             update_loss = 0.0
-            for i in range(0, len(seqs), args.micro_batch_size):
-                sl = slice(i, i + args.micro_batch_size)
+            for part, cols in micro_batches([len(s) - 1 for s in seqs], args):
+                sl = (part, cols)
                 ids, targets, m = batch[0][sl], batch[1][sl], mask[sl]
                 with amp:
                     logp, ent = policy(ids, targets, mask=m, temperature=args.temperature, entropy=True)
                     if update == 0 and args.kl_in == "loss":
                         old_logp[sl] = logp.detach().float()
-                    per_token, low, high = clipped_surrogate(logp, old_logp[sl], adv[sl], args.clip_low, args.clip_high)
+                    per_token, low, high = clipped_surrogate(logp, old_logp[sl], adv[part], args.clip_low,
+                                                             args.clip_high)
                     if ref is not None and args.kl_in == "loss":
                         per_token = per_token + args.beta * kl_estimate(logp, ref_logp[sl], args.kl_estimator)
                     loss = aggregate(per_token, m, args.loss_agg, max(n_kept, 1), max(n_tok, 1), args.max_new_tokens)
@@ -759,7 +762,8 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                      "cg_iters", "fvp_subsample", "line_search_steps", "pairs_per_prompt", "judge_retries",
                      "judge_workers"], (lambda v: v >= 1, ">= 1")),
     **dict.fromkeys(["seed", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "beta", "kl_target",
-                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty"], (lambda v: v >= 0, ">= 0")),
+                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty",
+                     "micro_batch_tokens"], (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
     # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
@@ -912,6 +916,26 @@ def collate(seqs, loss_masks, pad_id, device):
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
+def micro_batches(lengths, args):
+    """One rank's rows, of these lengths (the columns each needs), as the micro-batches of its forward and
+    backward passes, [(rows, cols)]: runs of --micro-batch-size rows in order, all columns; a run whose padded
+    tokens (rows x its longest) pass --micro-batch-tokens is sorted longest first and cut into groups that fit,
+    each with the columns its longest row needs (the rest are padding). Every loss here is normalised by counts
+    over the whole batch, so the gradient does not depend on the cut."""
+    out = []
+    for i in range(0, len(lengths), args.micro_batch_size):
+        run = list(range(i, min(i + args.micro_batch_size, len(lengths))))
+        if not args.micro_batch_tokens or len(run) * max(lengths[r] for r in run) <= args.micro_batch_tokens:
+            out.append((run, slice(None)))
+            continue
+        run.sort(key=lambda r: -lengths[r])  # similar lengths together: little padding
+        while run:
+            n = max(1, args.micro_batch_tokens // lengths[run[0]])
+            out.append((run[:n], slice(0, lengths[run[0]])))
+            run = run[n:]
+    return out
+
+
 def make_optimizer(model, args, state=None, key="optimizer"):
     """AdamW with weight decay on the matrices only; its state restored from `state[key]` on --resume."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -1007,7 +1031,8 @@ def evaluate(model, tok, examples, args, amp):
     return eval_metrics(eval_completions(model, tok, examples, args, amp), len(examples))
 
 
-MAY_CHANGE = {"steps", "eval_every", "save_every", "resume", "device", "micro_batch_size", "grad_checkpoint",
+MAY_CHANGE = {"steps", "eval_every", "save_every", "resume", "device", "micro_batch_size", "micro_batch_tokens",
+              "grad_checkpoint",
               "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries", "judge_timeout",
               "judge_workers"}  # on --resume
 

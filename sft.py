@@ -77,6 +77,8 @@ class Args:
     """sequences per optimizer step, over all ranks"""
     micro_batch_size: int = 16
     """sequences per forward/backward on one rank (gradient accumulation when smaller)"""
+    micro_batch_tokens: int = 2048
+    """a micro-batch over this many tokens (rows x longest) is cut in shorter ones (0: off; GPU: raise it)"""
     lr: float = 3e-3
     """peak learning rate"""
     warmup_steps: int = 20
@@ -120,8 +122,8 @@ def sft_step(model, opt, batch, tok, args, step, run_dir, amp):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n_tokens = sum(len(ex["completion_ids"]) for ex in batch)  # known on every rank: no communication
     mine, loss_sum, device = batch[rank::world], 0.0, next(model.parameters()).device
-    for i in range(0, len(mine), args.micro_batch_size):
-        micro = mine[i:i + args.micro_batch_size]
+    for rows, _ in micro_batches([len(ex["prompt_ids"]) + len(ex["completion_ids"]) - 1 for ex in mine], args):
+        micro = [mine[r] for r in rows]
         ids, targets, mask = collate([ex["prompt_ids"] + ex["completion_ids"] for ex in micro],
                                      [[0] * len(ex["prompt_ids"]) + [1] * len(ex["completion_ids"]) for ex in micro],
                                      tok.pad_id, device)
@@ -343,7 +345,8 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                      "cg_iters", "fvp_subsample", "line_search_steps", "pairs_per_prompt", "judge_retries",
                      "judge_workers"], (lambda v: v >= 1, ">= 1")),
     **dict.fromkeys(["seed", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "beta", "kl_target",
-                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty"], (lambda v: v >= 0, ">= 0")),
+                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty",
+                     "micro_batch_tokens"], (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
     # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
@@ -496,6 +499,26 @@ def collate(seqs, loss_masks, pad_id, device):
     return ids[:, :-1], ids[:, 1:], mask[:, 1:]
 
 
+def micro_batches(lengths, args):
+    """One rank's rows, of these lengths (the columns each needs), as the micro-batches of its forward and
+    backward passes, [(rows, cols)]: runs of --micro-batch-size rows in order, all columns; a run whose padded
+    tokens (rows x its longest) pass --micro-batch-tokens is sorted longest first and cut into groups that fit,
+    each with the columns its longest row needs (the rest are padding). Every loss here is normalised by counts
+    over the whole batch, so the gradient does not depend on the cut."""
+    out = []
+    for i in range(0, len(lengths), args.micro_batch_size):
+        run = list(range(i, min(i + args.micro_batch_size, len(lengths))))
+        if not args.micro_batch_tokens or len(run) * max(lengths[r] for r in run) <= args.micro_batch_tokens:
+            out.append((run, slice(None)))
+            continue
+        run.sort(key=lambda r: -lengths[r])  # similar lengths together: little padding
+        while run:
+            n = max(1, args.micro_batch_tokens // lengths[run[0]])
+            out.append((run[:n], slice(0, lengths[run[0]])))
+            run = run[n:]
+    return out
+
+
 def make_optimizer(model, args, state=None, key="optimizer"):
     """AdamW with weight decay on the matrices only; its state restored from `state[key]` on --resume."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -591,7 +614,8 @@ def evaluate(model, tok, examples, args, amp):
     return eval_metrics(eval_completions(model, tok, examples, args, amp), len(examples))
 
 
-MAY_CHANGE = {"steps", "eval_every", "save_every", "resume", "device", "micro_batch_size", "grad_checkpoint",
+MAY_CHANGE = {"steps", "eval_every", "save_every", "resume", "device", "micro_batch_size", "micro_batch_tokens",
+              "grad_checkpoint",
               "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries", "judge_timeout",
               "judge_workers"}  # on --resume
 

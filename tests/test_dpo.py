@@ -254,10 +254,15 @@ def test_micro_batching_does_not_change_the_gradient(monkeypatch, tmp_path, tiny
               "--temperature", "2", *TINY]
     run_script(D, monkeypatch, tmp_path, *common, "--run-name", "m2")
     run_script(D, monkeypatch, tmp_path, *common, "--micro-batch-size", "1", "--run-name", "m1")
+    real, cuts = D.micro_batches, []
+    monkeypatch.setattr(D, "micro_batches", lambda lengths, args: cuts.append(real(lengths, args)) or cuts[-1])
+    run_script(D, monkeypatch, tmp_path, *common, "--micro-batch-tokens", "40", "--run-name", "t40")
+    assert any(cols != slice(None) for c in cuts for _, cols in c)  # pairs of 2 x 20+ tokens: the budget cut
     first = lambda n: json.loads((tmp_path / f"runs/{n}/metrics.jsonl").read_text().splitlines()[1])
-    assert first("m1")["train/loss"] == pytest.approx(first("m2")["train/loss"], rel=1e-5)
-    assert first("m1")["train/grad_norm"] == pytest.approx(first("m2")["train/grad_norm"],
-                                                           rel=1e-5)  # the same gradient
+    for n in ("m1", "t40"):
+        assert first(n)["train/loss"] == pytest.approx(first("m2")["train/loss"], rel=1e-5)
+        assert first(n)["train/grad_norm"] == pytest.approx(first("m2")["train/grad_norm"],
+                                                            rel=1e-5)  # the same gradient
 
 
 def test_smoke_hh_and_jsonl(monkeypatch, tmp_path, tiny_ckpt):

@@ -16,6 +16,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import grpo  # noqa: E402
+import ppo  # noqa: E402
+import reinforce  # noqa: E402
 import sft  # noqa: E402
 import trpo  # noqa: E402
 from conftest import run_script  # noqa: E402
@@ -60,6 +62,44 @@ def test_grad_checkpoint_changes_nothing_but_memory(monkeypatch, tmp_path, digit
     for name, extra in (("plain", []), ("ckpt", ["--grad-checkpoint"])):
         run_script(module, monkeypatch, tmp_path, "--steps", "2", *flags, "--run-name", name, *extra)
     assert_same_run(tmp_path / "runs/plain", tmp_path / "runs/ckpt", tol=1e-6)
+
+
+@pytest.mark.parametrize("script", ["sft", "reinforce", "grpo", "ppo", "trpo"])
+def test_token_budget_changes_nothing_but_memory(monkeypatch, tmp_path, digits, script):
+    """--micro-batch-tokens cuts a micro-batch into shorter ones of similar lengths with fewer columns: the same
+    losses, gradients and weights as without it (every normaliser counts the whole batch)."""
+    rl = ["--model", str(digits[0]), "--task", "jsonl", "--data-path", str(digits[1]), *GRPO, "--batch-size", "4",
+          "--max-new-tokens", "4"]  # some samples right, some wrong: the updates are not zero
+    module, flags = {"sft": (sft, SFT), "reinforce": (reinforce, rl), "grpo": (grpo, rl + ["--mu", "2"]),
+                     "ppo": (ppo, rl + ["--mini-batches", "1"]), "trpo": (trpo, rl)}[script]
+    real, cuts = module.micro_batches, []
+
+    def spy(lengths, args):
+        out = real(lengths, args)
+        cuts.extend(cols for _, cols in out if cols != slice(None))
+        return out
+    monkeypatch.setattr(module, "micro_batches", spy)
+    for name, budget in (("whole", "0"), ("cut", "24" if script != "sft" else "60")):
+        run_script(module, monkeypatch, tmp_path, "--steps", "2", *flags, "--micro-batch-tokens", budget,
+                   "--run-name", name)
+        assert bool(cuts) == (name == "cut")  # the budget did cut micro-batches (and 0 never does)
+    assert_same_run(tmp_path / "runs/whole", tmp_path / "runs/cut")
+
+
+def test_micro_batches_cut_by_tokens():
+    args = sft.Args(micro_batch_size=4, micro_batch_tokens=0)
+    lengths = [5, 9, 3, 7, 2, 8]
+    assert sft.micro_batches(lengths, args) == [([0, 1, 2, 3], slice(None)), ([4, 5], slice(None))]
+    args.micro_batch_tokens = 36  # 4 x 9 = 36 fits; 2 x 8 = 16 fits: nothing is cut
+    assert sft.micro_batches(lengths, args) == [([0, 1, 2, 3], slice(None)), ([4, 5], slice(None))]
+    args.micro_batch_tokens = 16  # the first run is cut, longest first: [9], [7, 5] (2 x 7 = 14), [3]
+    assert sft.micro_batches(lengths, args) == [([1], slice(0, 9)), ([3, 0], slice(0, 7)), ([2], slice(0, 3)),
+                                                ([4, 5], slice(None))]
+    args.micro_batch_tokens = 4  # a row longer than the budget is a micro-batch of its own
+    out = sft.micro_batches(lengths, args)
+    assert sorted(r for rows, _ in out for r in rows) == list(range(6)) and all(len(rows) == 1 or
+                                                                                 len(rows) * lengths[rows[0]] <= 4
+                                                                                 for rows, _ in out)
 
 
 def test_compile_on_cpu_is_one_error_before_any_work(monkeypatch, tmp_path, capsys):
