@@ -58,6 +58,8 @@ NOT_EQUAL = [
     "data order: TRL gets exactly the examples our run sees, but its sampler shuffles them into other batches",
     "our scripts evaluate --eval-size 1 before and after training (outside the timed steps, inside peak RSS)",
     "activation checkpointing is off on both sides (TRL 1.16's configs turn it on by default)",
+    "micro-batches: ours cut one of more than --micro-batch-tokens (its default, 2048) padded tokens into shorter "
+    "ones of similar lengths; TRL runs each micro-batch of per_device_train_batch_size sequences whole",
 ]
 
 
