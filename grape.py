@@ -762,8 +762,8 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                      "cg_iters", "fvp_subsample", "line_search_steps", "pairs_per_prompt", "judge_retries",
                      "judge_workers"], (lambda v: v >= 1, ">= 1")),
     **dict.fromkeys(["seed", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "beta", "kl_target",
-                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty",
-                     "micro_batch_tokens"], (lambda v: v >= 0, ">= 0")),
+                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty", "micro_batch_tokens"],
+                    (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
     # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
@@ -1032,9 +1032,8 @@ def evaluate(model, tok, examples, args, amp):
 
 
 MAY_CHANGE = {"steps", "eval_every", "save_every", "resume", "device", "micro_batch_size", "micro_batch_tokens",
-              "grad_checkpoint",
-              "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries", "judge_timeout",
-              "judge_workers"}  # on --resume
+              "grad_checkpoint", "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries",
+              "judge_timeout", "judge_workers"}  # on --resume
 
 
 def open_run(args):

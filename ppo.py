@@ -277,11 +277,10 @@ def main():
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         (ids, targets, mask), n_seqs = batch, args.batch_size * args.group_size
-        # log π_old, of the policy that sampled, and log π_ref
-        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)
-        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \
-            if ref is not None else None
-        kl = (old_logp - ref_logp) * mask if ref is not None else torch.zeros_like(old_logp)  # k1 per token
+        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)  # log π_old
+        kl = torch.zeros_like(old_logp)  # k1 = log π/π_ref per token
+        if ref is not None:
+            kl = (old_logp - sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature)) * mask
         old_values = critic_values(critic, ids, mask, args.micro_batch_size, amp)
         shaped = rewards.to(device) - args.no_eos_penalty * (~ended).to(device)
         adv, returns = gae(token_rewards(shaped, kl, mask, beta), old_values, mask, args.gamma, args.lam)
@@ -515,8 +514,8 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                      "cg_iters", "fvp_subsample", "line_search_steps", "pairs_per_prompt", "judge_retries",
                      "judge_workers"], (lambda v: v >= 1, ">= 1")),
     **dict.fromkeys(["seed", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "beta", "kl_target",
-                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty",
-                     "micro_batch_tokens"], (lambda v: v >= 0, ">= 0")),
+                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty", "micro_batch_tokens"],
+                    (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
     # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
@@ -785,9 +784,8 @@ def evaluate(model, tok, examples, args, amp):
 
 
 MAY_CHANGE = {"steps", "eval_every", "save_every", "resume", "device", "micro_batch_size", "micro_batch_tokens",
-              "grad_checkpoint",
-              "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries", "judge_timeout",
-              "judge_workers"}  # on --resume
+              "grad_checkpoint", "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries",
+              "judge_timeout", "judge_workers"}  # on --resume
 
 
 def open_run(args):

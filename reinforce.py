@@ -184,14 +184,11 @@ def main():
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         mask, n_seqs = batch[2], args.batch_size * args.group_size
-        # log π_old, of the policy that sampled, and log π_ref
-        old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature) \
-            if ref is not None else None
-        ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \
-            if ref is not None else None
-        shaped = rewards.to(device)
-        if ref is not None:  # the reward with the KL penalty folded in
-            shaped = shaped - args.beta * ((old_logp - ref_logp) * mask).sum(1)
+        kl_seq = torch.zeros(len(seqs), device=device)  # Σ_t k1 = Σ_t log π/π_ref per sequence
+        if ref is not None:
+            kl_seq = ((sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)
+                       - sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature)) * mask).sum(1)
+        shaped = rewards.to(device) - args.beta * kl_seq  # the reward with the KL penalty folded in
         (shaped_sum,) = all_sum(shaped.sum().item())
         ema = shaped_sum / n_seqs if ema is None else ema  # the first batch's mean over every rank
         adv = advantages(shaped.view(-1, args.group_size), args.baseline, ema).reshape(-1)
@@ -209,7 +206,6 @@ def main():
             loss.backward()
             loss_sum, ent_sum = loss_sum + loss.item(), ent_sum + (ent.detach() * m).sum().item()
         loss_sum, grad_norm = optimizer_step(policy, opt, args, loss_sum, step, run_dir)
-        kl_seq = ((old_logp - ref_logp) * batch[2]).sum(1) if ref is not None else torch.zeros(1)  # Σ_t k1, logged
         ent_sum, n_tok, kl_sum = all_sum(ent_sum, mask.sum().item(), kl_seq.sum().item())
         metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
             "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm, "train/kl": kl_sum / n_seqs,
@@ -398,8 +394,8 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                      "cg_iters", "fvp_subsample", "line_search_steps", "pairs_per_prompt", "judge_retries",
                      "judge_workers"], (lambda v: v >= 1, ">= 1")),
     **dict.fromkeys(["seed", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "beta", "kl_target",
-                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty",
-                     "micro_batch_tokens"], (lambda v: v >= 0, ">= 0")),
+                     "cg_damping", "rpo_alpha", "max_len", "no_eos_penalty", "micro_batch_tokens"],
+                    (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
     # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
@@ -668,9 +664,8 @@ def evaluate(model, tok, examples, args, amp):
 
 
 MAY_CHANGE = {"steps", "eval_every", "save_every", "resume", "device", "micro_batch_size", "micro_batch_tokens",
-              "grad_checkpoint",
-              "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries", "judge_timeout",
-              "judge_workers"}  # on --resume
+              "grad_checkpoint", "compile", "track", "judge_url", "judge_name", "judge_key_env", "judge_retries",
+              "judge_timeout", "judge_workers"}  # on --resume
 
 
 def open_run(args):
