@@ -205,6 +205,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     grad_checkpoint = False  # True: trunk recomputes each block in the backward (activation memory: one block)
     static_cache = False  # True (use_compile): generate's KV cache has static shapes (always on CUDA)
+    prefill_tokens = 1024  # generate prefills its prompts in groups of at most this many padded tokens
 
     def __init__(self, config):
         super().__init__()
@@ -334,17 +335,28 @@ class GPT(nn.Module):
         out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
         out_mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        # prefill: causal within the prompt, padding hidden, then the first sampled token. A static cache
-        # writes at positions `slot` and attends over all L keys (the empty ones masked)
-        keys = L if static else P
-        pos = (torch.arange(P, device=device) - n_pad[:, None]).clamp(min=0)
-        causal = torch.ones(P, keys, dtype=torch.bool, device=device).tril()
-        attn_mask = (causal[None] & valid[:, None, :keys])[:, None]  # (B, 1, P, keys)
-        attn_mask = attn_mask | torch.eye(P, keys, dtype=torch.bool, device=device)  # a pad query sees itself: no NaN
-        cache.slot = torch.arange(P, device=device) if static else None
-        u = torch.tensor(first, device=device)
+        # prefill: the distinct prompts longest first, in groups of at most prefill_tokens padded tokens, each
+        # padded only to its own longest prompt (causal, padding hidden); a group's keys and values go to the
+        # cache's last positions. Only the last position's hidden state is kept: it samples the first token
+        order, done_rows, hs = sorted(range(len(first)), key=lambda j: -len(prompts[first[j]])), [], []
+        while len(done_rows) < len(first):
+            Pg = len(prompts[first[order[len(done_rows)]]])
+            g = order[len(done_rows):len(done_rows) + max(1, self.prefill_tokens // Pg)]
+            rows, j = torch.tensor([first[i] for i in g], device=device), torch.tensor(g, device=device)
+            ok = valid[rows, P - Pg:P]  # (g, Pg): real tokens
+            pos = (torch.arange(Pg, device=device) - (Pg - ok.sum(1))[:, None]).clamp(min=0)
+            causal = torch.ones(Pg, Pg, dtype=torch.bool, device=device).tril()
+            eye = torch.eye(Pg, dtype=torch.bool, device=device)  # a pad query sees itself: no NaN
+            mask = None if bool(ok.all()) else ((causal & ok[:, None, :]) | eye)[:, None]  # (g, 1, Pg, Pg)
+            sub = KVCache(cfg, len(g), Pg, device, dtype)
+            hs.append(self.trunk(idx[rows, P - Pg:], pos, mask, sub)[:, -1])  # (g, d)
+            for layer in range(cfg.n_layer):
+                cache.k[layer][j, :, P - Pg:P], cache.v[layer][j, :, P - Pg:P] = sub.k[layer], sub.v[layer]
+            done_rows += g
+        h = torch.cat(hs)[torch.tensor(done_rows, device=device).argsort()]  # (distinct prompts, d)
+        cache.len = P
         reps = torch.tensor([j - i for i, j in zip(first, first[1:] + [B])], device=device)
-        h = self.trunk(idx[u], pos[u], attn_mask[u], cache)[:, -1].repeat_interleave(reps, 0)  # (B, d)
+        h = h.repeat_interleave(reps, 0)  # (B, d)
         if len(first) < B:
             cache.repeat_rows(reps)
         for t in range(max_new_tokens):

@@ -158,6 +158,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="model.use_compile(): compiled trunk, static KV cache (CUDA)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--cpu", action="store_true", help="CPU even when CUDA is available")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of ours and transformers, interleaved; median")
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()
     if a.quick:
@@ -183,33 +184,38 @@ def main():
     if a.compile:
         model.use_compile()
 
-    rows, tokens = [], {}
+    rows, tokens, runs, hf_error = [], {}, {}, None
 
     def record(variant, seconds, out):
         assert out.shape == (B, n), (variant, tuple(out.shape))
         tokens[variant] = out.cpu()
-        rows.append(dict(variant=variant, seconds=seconds, tokens_per_s=B * n / seconds))
-        print(f"  {variant:12} {seconds:8.2f} s  {B * n / seconds:9.1f} tokens/s", flush=True)
+        s = sorted(seconds)[len(seconds) // 2]  # the median
+        rows.append(dict(variant=variant, seconds=s, all_seconds=seconds, tokens_per_s=B * n / s))
+        print(f"  {variant:12} {s:8.2f} s  {B * n / s:9.1f} tokens/s  (runs: {', '.join(f'{x:.2f}' for x in seconds)})",
+              flush=True)
 
-    gen = lambda k: model.generate(prompts, k, temperature=0, eos_id=[], pad_id=pad)
+    gen = lambda k: model.generate(prompts, k, temperature=0, eos_id=[], pad_id=pad)[0]
     gen(n if a.compile else 2)  # warm-up (and compile: the same shapes as the timed run)
-    (out, mask), s = timed(lambda: gen(n), dev)
-    assert bool(mask.all()), "a row stopped early"
-    record("kv_cache", s, out)
-    if not a.no_nocache:
-        generate_no_cache(model, prompts[:2], 1, pad)  # warm-up
-        out, s = timed(lambda: generate_no_cache(model, prompts, n, pad), dev)
-        record("no_cache", s, out)
-    hf_error = None
+    runs["kv_cache"] = lambda: gen(n)
     if not a.no_hf:
         try:
             hf = hf_model(model, dtype, dev)
-            hf_generate(hf, prompts[:2], 2, pad, dev)  # warm-up
-            out, s = timed(lambda: hf_generate(hf, prompts, n, pad, dev), dev)
-            record("hf", s, out)
+            hf_generate(hf, prompts, 2, pad, dev)  # warm-up
+            runs["hf"] = lambda: hf_generate(hf, prompts, n, pad, dev)
         except ImportError as e:
             hf_error = f"transformers not available: {e}"
             print(hf_error)
+    seconds, outs = {v: [] for v in runs}, {}
+    for _ in range(a.repeat):  # interleaved, so that a slow patch of the machine hits both sides
+        for v, fn in runs.items():
+            outs[v], s = timed(fn, dev)
+            seconds[v].append(s)
+    for v in runs:
+        record(v, seconds[v], outs[v])
+    if not a.no_nocache:
+        generate_no_cache(model, prompts[:2], 1, pad)  # warm-up
+        out, s = timed(lambda: generate_no_cache(model, prompts, n, pad), dev)
+        record("no_cache", [s], out)
 
     speed = {r["variant"]: r["tokens_per_s"] for r in rows}
     ratios = {}

@@ -97,6 +97,18 @@ def test_generate_shared_prefill_greedy_equals_no_cache(fixture, static, request
     assert (mask == 1).all()
 
 
+def test_generate_grouped_prefill_greedy_equals_no_cache(tiny_llama, monkeypatch):
+    """prefill_tokens = 8 cuts the distinct prompts (7, 1, 4, 1 tokens) into groups [7], [4, 1], [1], each
+    padded only to its own longest prompt; greedy output still equals decoding without a cache."""
+    m, rows = tiny_llama, prefill_rows(tiny_llama, monkeypatch)
+    monkeypatch.setattr(m, "prefill_tokens", 8)
+    out, mask = m.generate(GROUPED, 10, temperature=0, eos_id=[], pad_id=0)
+    assert rows == [1, 2, 1] + [12] * 9
+    for i, p in enumerate(GROUPED):
+        assert out[i].tolist() == greedy_no_cache(m, p, 10), i
+    assert (mask == 1).all()
+
+
 @torch.no_grad()
 def sample_full_prefill(model, prompts, n, temperature, seed, pad=0):
     """generate's sampling with no sharing: every row prefilled (the behaviour before the shared prefill)."""
@@ -128,6 +140,11 @@ def test_generate_shared_prefill_samples_as_before(fixture, request):
     assert torch.equal(out, sample_full_prefill(m, GROUPED, 12, 1.0, seed=3))
     assert torch.equal(out, m.generate(GROUPED, 12, temperature=1.0, seed=3, eos_id=[], pad_id=0)[0])
     assert len({tuple(r) for r in out[:3].tolist()}) > 1
+    m.prefill_tokens = 8  # grouped prefill: the same samples
+    try:
+        assert torch.equal(out, m.generate(GROUPED, 12, temperature=1.0, seed=3, eos_id=[], pad_id=0)[0])
+    finally:
+        del m.prefill_tokens
 
 
 def test_generate_static_cache_stops_at_eos(tiny_llama):
