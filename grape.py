@@ -892,17 +892,20 @@ def is_sharded(model):
 @contextlib.contextmanager
 def gathered(model):
     """Under --fsdp, every rank holds the whole model inside the block: one all-gather per unit, not one
-    per generated token, and no collective while generating, so ranks may sample different lengths."""
-    if not is_sharded(model):
+    per generated token, and no collective while generating, so ranks may sample different lengths. Inside
+    a block it does nothing (no collective either)."""
+    if not is_sharded(model) or getattr(model, "is_gathered", False):
         yield
         return
     model.set_reshard_after_forward(False)
     units = [m for m in model.modules() if is_sharded(m)]
     for unit in units:
         unit.unshard()
+    model.is_gathered = True
     try:
         yield
     finally:
+        model.is_gathered = False
         for unit in units:
             unit.reshard()
         model.set_reshard_after_forward(True)
@@ -1256,8 +1259,8 @@ def sequence_logprobs(model, batch, micro_batch_size, amp, temperature=1.0):
     out = []
     for i in range(0, len(ids), micro_batch_size):
         sl = slice(i, i + micro_batch_size)
-        with amp:
-            out.append(model(ids[sl], targets[sl], mask=mask[sl], temperature=temperature).float())
+        with amp, gathered(model):  # the k completions of a prompt share its prefill
+            out.append(model.shared_prefix_logprobs(ids[sl], targets[sl], mask[sl], temperature).float())
     return torch.cat(out)
 
 

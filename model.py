@@ -293,6 +293,51 @@ class GPT(nn.Module):
         return (lp, ent.view(B, T)) if entropy else lp
 
     @torch.no_grad()
+    def shared_prefix_logprobs(self, idx, targets, mask, temperature=1.0):
+        """forward(idx, targets, mask, temperature) without gradient, for right-padded rows (B, T) where
+        consecutive rows share a prompt (the k samples of one prompt): a row's prompt is its columns before its
+        first mask position; each distinct one runs once into a KV cache that its rows share, then each row runs
+        from that position. Equal to forward up to float rounding; forward itself when no prompt repeats."""
+        B, T = idx.shape
+        device, cfg = idx.device, self.config
+        scored = (mask != 0).int()
+        start, end = scored.argmax(1).tolist(), (T - scored.flip(1).argmax(1)).tolist()  # (B,) [first, last + 1]
+        for i, any_scored in enumerate(mask.any(1).tolist()):  # a row with nothing scored joins the row before
+            if not any_scored:
+                start[i], end[i] = (start[i - 1], start[i - 1]) if i else (0, 0)
+        first = [i for i in range(B) if i == 0 or start[i] != start[i - 1]
+                 or not torch.equal(idx[i, :start[i]], idx[i - 1, :start[i]])]
+        if len(first) == B:
+            return self(idx, targets, mask=mask, temperature=temperature)
+        amp = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if amp else self.lm_head.weight.dtype
+        P, S = max(start[i] for i in first), max(1, max(e - s for s, e in zip(start, end)))
+        cache = KVCache(cfg, len(first), P + S, device, dtype)
+        ok = torch.zeros(len(first), P, dtype=torch.bool, device=device)  # real prompt tokens, left-padded
+        if P:
+            pre = torch.zeros(len(first), P, dtype=torch.long, device=device)
+            for j, i in enumerate(first):
+                pre[j, P - start[i]:], ok[j, P - start[i]:] = idx[i, :start[i]], True
+            pos = (torch.arange(P, device=device) - (P - ok.sum(1))[:, None]).clamp(min=0)
+            causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+            self.trunk(pre, pos, ((causal & ok[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None],
+                       cache)
+        reps = torch.tensor([j - i for i, j in zip(first, first[1:] + [B])], device=device)
+        cache.repeat_rows(reps)
+        cols = torch.tensor(start, device=device)[:, None] + torch.arange(S, device=device)  # (B, S)
+        inside, cols = cols < T, cols.clamp(max=T - 1)
+        keys = torch.cat([ok.repeat_interleave(reps, 0)[:, None, :].expand(B, S, P),
+                          torch.ones(S, S, dtype=torch.bool, device=device).tril().expand(B, S, S)], 2)
+        h = self.trunk(idx.gather(1, cols), cols, keys[:, None], cache)  # (B, S, d)
+        keep = ((mask.gather(1, cols) != 0) & inside).reshape(-1).nonzero().squeeze(1)
+        lp = token_logprobs(h.reshape(B * S, -1).index_select(0, keep), self.lm_head.weight,
+                            targets.gather(1, cols).reshape(-1).index_select(0, keep), temperature)
+        rows = torch.arange(B, device=device)[:, None].expand(B, S).reshape(-1).index_select(0, keep)
+        out = lp.new_zeros(B, T)
+        out[rows, cols.reshape(-1).index_select(0, keep)] = lp
+        return out
+
+    @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, seed=None,
                  eos_id=None, pad_id=None):
         """Sample completions for a batch of prompts (a list of token-id lists, any lengths).

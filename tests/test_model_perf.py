@@ -63,7 +63,8 @@ def test_fused_backward_skips_entropy_not_in_the_loss():
 
 
 # ----------------------------------------------------------------------------------------------
-# generate: one prefill per distinct prompt, shared by its samples; the static cache of use_compile
+# generate and shared_prefix_logprobs: one prefill per distinct prompt, shared by its samples; the static cache
+# of use_compile
 
 
 def greedy_no_cache(model, prompt, n):
@@ -145,6 +146,46 @@ def test_generate_shared_prefill_samples_as_before(fixture, request):
         assert torch.equal(out, m.generate(GROUPED, 12, temperature=1.0, seed=3, eos_id=[], pad_id=0)[0])
     finally:
         del m.prefill_tokens
+
+
+def rollout_batch(prompts, completions, T, pad):
+    """A collated RL batch (ids, targets, mask) (B, T), right-padded: mask 1 where the target is a completion
+    token, as the scripts' collate makes it."""
+    ids, targets, mask = torch.full((len(prompts), T), pad), torch.full((len(prompts), T), pad), torch.zeros(
+        len(prompts), T)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seq = torch.tensor(p + c)
+        ids[i, :len(seq) - 1], targets[i, :len(seq) - 1], mask[i, len(p) - 1:len(seq) - 1] = seq[:-1], seq[1:], 1
+    return ids, targets, mask
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prefix_logprobs_equal_forward(fixture, temperature, request, monkeypatch):
+    """The k completions of a prompt (of different lengths, one of them empty, one prompt of a single token)
+    share one prefill of it, and score as forward does every row alone."""
+    m = request.getfixturevalue(fixture)
+    g = torch.Generator().manual_seed(0)
+    lens = [[5, 1, 9], [3, 0, 12], [7, 7, 2], [4, 10, 6]]
+    comps = [torch.randint(0, 80, (n,), generator=g).tolist() for ls in lens for n in ls]
+    ids, targets, mask = rollout_batch(GROUPED, comps, 22, m.config.pad_token_id)
+    rows = prefill_rows(m, monkeypatch)
+    got = m.shared_prefix_logprobs(ids, targets, mask, temperature)
+    assert rows == [4, 12]  # one prefill of the 4 prompts, then the 12 completions
+    with torch.no_grad():
+        want = m(ids, targets, mask=mask, temperature=temperature)
+    assert got.shape == want.shape and (got[mask == 0] == 0).all()
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+
+
+def test_shared_prefix_logprobs_no_repeat_is_forward(tiny_llama, monkeypatch):
+    """With no prompt repeated (DPO's batches, a group size of 1), it is forward itself: one trunk call."""
+    prompts, comps = [[5, 17, 3], [7], [12, 8, 60, 1]], [[4, 4], [9, 1, 2], [3]]
+    ids, targets, mask = rollout_batch(prompts, comps, 8, tiny_llama.config.pad_token_id)
+    rows = prefill_rows(tiny_llama, monkeypatch)
+    with torch.no_grad():
+        want = tiny_llama(ids, targets, mask=mask)
+    assert torch.equal(tiny_llama.shared_prefix_logprobs(ids, targets, mask), want) and rows == [3, 3]
 
 
 def test_generate_static_cache_stops_at_eos(tiny_llama):
