@@ -4,8 +4,7 @@ ppo.py: proximal policy optimization with a learned value function (actor-critic
 Schulman et al. 2017 (PPO, arXiv 1707.06347) with GAE (arXiv 1506.02438), in the RLHF recipe of Ouyang
 et al. 2022 (arXiv 2203.02155) as Huang et al. 2024 spell it out (arXiv 2403.17031); the exposition
 follows Patel, arXiv 2509.04501. Sample completions y of prompts x from π_old, give every completion
-token a reward, estimate its advantage with a critic V, then take K epochs of clipped steps over
-mini-batches:
+token a reward, estimate its advantage with a critic V, then take K epochs of clipped steps on mini-batches:
 
     max_θ E_t [ min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t) ], ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t)
     r_t = −β (log π_old(y_t | s_t) − log π_ref(y_t | s_t)) + [t = last] r(x, y),   s_t = (x, y_<t),
@@ -19,14 +18,12 @@ Choices made here where the literature differs:
      (Ziegler et al. 2019, arXiv 1909.08593).
   3. GAE with γ = 1, λ = 0.95; a truncated completion is not bootstrapped; returns R_t = A_t + V_old.
      Advantages whitened once per batch over all its completion tokens and ranks.
-  4. Policy loss averaged over the mini-batch's completion tokens (counted over all ranks). No
-     entropy bonus.
+  4. Policy loss: the mean over the mini-batch's completion tokens (counted over all ranks); no entropy bonus.
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
      the same T, recomputed by the training forward pass (never the sampler's numbers).
   6. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
-  7. --epochs passes over each batch in --mini-batches shuffled mini-batches, one optimizer step each: the
-     policy's epochs, then the critic's over the same mini-batches (the same as interleaving them).
+  7. --epochs passes of --mini-batches shuffled mini-batches, an optimizer step each: the policy's, then the critic's.
   8. One completion for each of 64 prompts per step, as in RLHF: the critic is the baseline. Logged: approx_kl
      (k3 of KL(π_old ‖ π_θ)), clipfrac (|ρ − 1| > ε), explained variance 1 − Var(R − V_old) / Var(R).
 
@@ -976,17 +973,14 @@ def finish(args, run_dir, rank, metrics):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: sample k completions of each prompt and score them; log-probs of what was sampled; the
-# metrics of every RL step (each script holds the functions it uses)
+# Rollouts: k scored samples per prompt; their log-probs; each RL step's metrics (in the scripts that use them)
 
 
 @torch.no_grad()
 def rollout(model, tok, examples, args, step, rows, amp):
-    """k completions of each prompt; completion j of the prompt at place `rows[i]` of the step's batch is
-    sampled with its own seed, fixed by (seed, step, rows[i], j), so that it does not depend on how the
-    batch is split over ranks. Returns the sequences (prompt + completion ids), loss masks (1 on completion
-    tokens), rewards (P*k,), the completion texts, and whether each completion ended with EOS (else it hit
-    --max-new-tokens)."""
+    """k completions of each prompt, completion j of the prompt at place rows[i] of the batch seeded by (seed, step,
+    rows[i], j) however ranks split it -> sequences (prompt + completion ids), loss masks (1 on completion tokens),
+    rewards (P*k,), completion texts, whether each ended with EOS (else it hit --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
     seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
             for r in rows for j in range(args.group_size)]

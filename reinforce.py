@@ -856,17 +856,14 @@ def finish(args, run_dir, rank, metrics):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: sample k completions of each prompt and score them; log-probs of what was sampled; the
-# metrics of every RL step (each script holds the functions it uses)
+# Rollouts: k scored samples per prompt; their log-probs; each RL step's metrics (in the scripts that use them)
 
 
 @torch.no_grad()
 def rollout(model, tok, examples, args, step, rows, amp):
-    """k completions of each prompt; completion j of the prompt at place `rows[i]` of the step's batch is
-    sampled with its own seed, fixed by (seed, step, rows[i], j), so that it does not depend on how the
-    batch is split over ranks. Returns the sequences (prompt + completion ids), loss masks (1 on completion
-    tokens), rewards (P*k,), the completion texts, and whether each completion ended with EOS (else it hit
-    --max-new-tokens)."""
+    """k completions of each prompt, completion j of the prompt at place rows[i] of the batch seeded by (seed, step,
+    rows[i], j) however ranks split it -> sequences (prompt + completion ids), loss masks (1 on completion tokens),
+    rewards (P*k,), completion texts, whether each ended with EOS (else it hit --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
     seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
             for r in rows for j in range(args.group_size)]

@@ -1,9 +1,8 @@
 """
 rejection_sampling.py: rejection sampling fine-tuning in rounds (RAFT, ReST-EM, expert iteration).
 
-RAFT (arXiv 2304.06767), ReST (2308.08998), ReST-EM (2312.06585), Llama 2's rejection sampling (2307.09288);
-the exposition follows Patel, arXiv 2509.04501. Round n samples k completions of each prompt from the
-policy, keeps those the reward passes (the E-step) and maximises their likelihood (the M-step):
+RAFT (arXiv 2304.06767), ReST (2308.08998), ReST-EM (2312.06585), Llama 2 (2307.09288); as in Patel, 2509.04501.
+Round n samples k completions per prompt, keeps those the reward passes (E-step), maximises their likelihood (M-step):
 
     D_n = {(x, y_i) : y_1..y_k ~ π_θn(· | x), y_i passes the filter (r(x, y_i) ≥ τ)}
     θ_n+1 = argmin_θ  − Σ_{(x,y) ∈ D_n} Σ_{t=1..|y|} log π_θ(y_t | x, y_<t)  /  Σ_{(x,y) ∈ D_n} |y|
@@ -18,16 +17,12 @@ Choices made here where the literature differs:
      of the peak rate, gradient norm clipped. bf16 autocast on CUDA, fp32 on CPU.
   4. Data parallel under torchrun: each rank takes its share of the batch, gradients are summed with
      one all-reduce (gloo on CPU, NCCL on GPU) and, with choice 2, equal the one-process gradient.
-     Each rank samples its share of the round's prompts; the kept set is gathered in prompt order.
   5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
      where the uninterrupted run ends.
-  6. Filter: of each prompt's k samples the best one if its reward is at least --threshold τ (RAFT, Llama 2;
-     ties: the first sampled), or with --keep all every one that passes (ReST-EM), once each (--dedup). A
-     completion cut off by --max-new-tokens is never kept.
-  7. Each round continues from the current policy and its AdamW state (RAFT, expert iteration); --from-base
-     fine-tunes the starting model afresh each round (ReST-EM), which limits drift.
-  8. --steps counts rounds, each --epochs passes over its kept set in a seeded order; the learning rate follows
-     the schedule over the rounds, constant within one.
+  6. Filter: per prompt the best of k samples if its reward is ≥ --threshold τ (RAFT, Llama 2; ties: the first
+     sampled), or with --keep all each that passes (ReST-EM), once (--dedup); never one cut by --max-new-tokens.
+  7. A round continues from the current policy and AdamW state (RAFT); --from-base restarts from the starting
+     model (ReST-EM: less drift). --steps counts rounds of --epochs seeded passes; the lr schedule is per round.
 
 Run: python sft.py && python rejection_sampling.py   (real weights, GPUs, torchrun: README.md)
 """
@@ -243,7 +238,7 @@ def main():
             model = prepare(load_model(args.model, device, args.seed)[0], args)
             opt = make_optimizer(model, args)
             set_lr(opt, step, args)
-        n_steps = math.ceil(args.epochs * len(kept) / args.batch_size)
+        n_steps, n_samples = math.ceil(args.epochs * len(kept) / args.batch_size), len(prompts) * args.group_size
         seed = int(np.random.SeedSequence([args.seed, step]).generate_state(1)[0])  # this round's batch order
         loss_total, grad_total, n_seen = 0.0, 0.0, 0
         for s in range(n_steps):
@@ -252,7 +247,6 @@ def main():
             loss_total, grad_total = loss_total + loss, grad_total + grad_norm
             n_seen += sum(len(ex["prompt_ids"]) + len(ex["completion_ids"]) for ex in batch)
         loss, grad_norm = loss_total / max(1, n_steps), grad_total / max(1, n_steps)
-        n_samples = len(prompts) * args.group_size
         metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/tokens_per_sec":
                    n_seen / (time.time() - t0 - t_gen), "train/reward": reward_sum / n_samples,
                    "train/acceptance_rate": n_accept / len(prompts), "train/pass_rate": n_pass / n_samples,
@@ -904,17 +898,14 @@ def finish(args, run_dir, rank, metrics):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: sample k completions of each prompt and score them; log-probs of what was sampled; the
-# metrics of every RL step (each script holds the functions it uses)
+# Rollouts: k scored samples per prompt; their log-probs; each RL step's metrics (in the scripts that use them)
 
 
 @torch.no_grad()
 def rollout(model, tok, examples, args, step, rows, amp):
-    """k completions of each prompt; completion j of the prompt at place `rows[i]` of the step's batch is
-    sampled with its own seed, fixed by (seed, step, rows[i], j), so that it does not depend on how the
-    batch is split over ranks. Returns the sequences (prompt + completion ids), loss masks (1 on completion
-    tokens), rewards (P*k,), the completion texts, and whether each completion ended with EOS (else it hit
-    --max-new-tokens)."""
+    """k completions of each prompt, completion j of the prompt at place rows[i] of the batch seeded by (seed, step,
+    rows[i], j) however ranks split it -> sequences (prompt + completion ids), loss masks (1 on completion tokens),
+    rewards (P*k,), completion texts, whether each ended with EOS (else it hit --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
     seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
             for r in rows for j in range(args.group_size)]

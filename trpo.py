@@ -18,22 +18,22 @@ Choices made here where the literature differs:
      (Ziegler et al. 2019, arXiv 1909.08593).
   3. GAE with γ = 1, λ = 0.95; a truncated completion is not bootstrapped; returns R_t = A_t + V_old.
      Advantages whitened once per batch over all its completion tokens and ranks.
-  4. Policy step (in place of ppo.py's epochs): x solves (F + damping · I) x = g, g = ∇ E_t[ρ_t A_t] at θ_old,
-     by --cg-iters of conjugate gradient, F v = ∇θ((∇θ KL̄)ᵀ v) (F never formed); s = sqrt(2δ / xᵀ(F + damping·I)x) x.
-     Backtracking over θ_old + 0.5^i s keeps the first θ with measured KL̄ ≤ δ and a surrogate gain > 0 (the
-     original also asks for a fraction of gᵀs, logged as train/expected_gain), else θ_old stays.
+  4. Policy step (for ppo.py's epochs): --cg-iters of conjugate gradient solve (F + damping·I) x = g, g = ∇ E_t[ρ_t A_t]
+     at θ_old, F v = ∇θ((∇θ KL̄)ᵀ v) (F never formed); s = sqrt(2δ / xᵀ(F + damping·I)x) x. Backtracking over
+     θ_old + 0.5^i s keeps the first θ with measured KL̄ ≤ δ and a surrogate gain > 0, else θ_old stays (the
+     original also asks for a fraction of gᵀs, logged as train/expected_gain).
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
      the same T, recomputed by the training forward pass (never the sampler's numbers).
   6. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
   7. One policy step per batch; --epochs, --mini-batches and --grad-clip are the critic's alone here.
-  8. KL̄ is exact over the vocabulary, from the logits (/ T) at each completion token: the fused log-prob and
-     attention kernels have no double backward. F from every --fvp-subsample-th sequence (Schulman 2016: 10 %
-     of the data; its graph kept, so a CG iteration is one backward); g, KL̄ and the line search see the batch.
-  9. Under torchrun g, F v, KL̄ and the surrogate are summed over ranks; --fsdp shards the reference and the
-     critic only (the policy's flat vectors and double backward need it whole; it has no optimizer state).
-  10. δ is annealed, δ_t = δ (lr_t / lr)², so the step's length (∝ √δ_t) follows the other scripts' schedule;
-     --lr acts only there (the original keeps δ fixed). Defaults, costs, measurements: docs/experiments.md#trpo.
+  8. KL̄ exact over the vocabulary, from the logits (/ T) at each completion token (the fused log-prob and attention
+     kernels have no double backward). F from every --fvp-subsample-th sequence (Schulman 2016: 10 % of the data;
+     graph kept: a CG iteration is one backward); g, KL̄ and the line search see the whole batch.
+  9. Under torchrun g, F v, KL̄ and the surrogate are summed over ranks; --fsdp shards the reference and critic
+     only (the policy's flat vectors and double backward need it whole; it has no optimizer state).
+  10. δ_t = δ (lr_t / lr)²: the step's length (∝ √δ_t) follows the other scripts' schedule (the original keeps δ
+     fixed); --lr acts only there. Defaults, costs, measurements: docs/experiments.md#trpo.
 
 Run: python sft.py && python trpo.py   (real weights, GPUs, torchrun: README.md)
 """
@@ -341,9 +341,7 @@ def main():
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
     ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
-    # --fsdp shards the reference and the critic, not the policy: its natural-gradient step takes a double
-    # backward and conjugate gradient over its whole flat parameter vector (and it has no optimizer state)
-    policy, ref = prepare(policy, dataclasses.replace(args, fsdp=False)), prepare(ref, args, trained=False)
+    policy, ref = prepare(policy, dataclasses.replace(args, fsdp=False)), prepare(ref, args, trained=False)  # choice 9
     critic = Critic(load_model(args.model, device, args.seed)[0]).to(device)
     if state:  # saved whole: loaded before --fsdp shards it
         critic.load_state_dict(state["critic"])
@@ -386,8 +384,7 @@ def main():
         n_updates = args.epochs * args.mini_batches
         # the policy: one natural-gradient step inside the trust region KL̄ ≤ δ
         t_policy, n_tok = time.time(), all_sum(mask.sum().item())[0]
-        theta_old = parameters_to_vector(policy.parameters()).detach()  # a copy (torch.cat)
-        ent_sum = 0.0
+        theta_old, ent_sum = parameters_to_vector(policy.parameters()).detach(), 0.0  # θ_old: a copy (torch.cat)
         for part, cols in micro_batches([len(s) - 1 for s in seqs], args):
             j = (part, cols)
             with amp:
@@ -397,9 +394,8 @@ def main():
         sync_grads(policy)
         g = -parameters_to_vector([p.grad for p in policy.parameters()])  # the surrogate's gradient (ascent)
         policy.zero_grad(set_to_none=True)
-        places = [r * args.group_size + j for r in rows for j in range(args.group_size)]  # in the whole batch
-        sub = torch.tensor([k for k, s in enumerate(places) if s % args.fvp_subsample == 0], dtype=torch.long,
-                           device=device)
+        places = torch.tensor([r * args.group_size + j for r in rows for j in range(args.group_size)], device=device)
+        sub = (places % args.fvp_subsample == 0).nonzero().squeeze(1)  # places in the whole batch
         fvp_batch = tuple(x[sub] for x in batch)  # F on every n-th sequence of the whole batch (none on some ranks)
         fisher = fisher_vector_product(policy, fvp_batch, all_sum(fvp_batch[2].sum().item())[0],
                                        args.micro_batch_size, amp, args.temperature)
@@ -1087,17 +1083,14 @@ def finish(args, run_dir, rank, metrics):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: sample k completions of each prompt and score them; log-probs of what was sampled; the
-# metrics of every RL step (each script holds the functions it uses)
+# Rollouts: k scored samples per prompt; their log-probs; each RL step's metrics (in the scripts that use them)
 
 
 @torch.no_grad()
 def rollout(model, tok, examples, args, step, rows, amp):
-    """k completions of each prompt; completion j of the prompt at place `rows[i]` of the step's batch is
-    sampled with its own seed, fixed by (seed, step, rows[i], j), so that it does not depend on how the
-    batch is split over ranks. Returns the sequences (prompt + completion ids), loss masks (1 on completion
-    tokens), rewards (P*k,), the completion texts, and whether each completion ended with EOS (else it hit
-    --max-new-tokens)."""
+    """k completions of each prompt, completion j of the prompt at place rows[i] of the batch seeded by (seed, step,
+    rows[i], j) however ranks split it -> sequences (prompt + completion ids), loss masks (1 on completion tokens),
+    rewards (P*k,), completion texts, whether each ended with EOS (else it hit --max-new-tokens)."""
     prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
     seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
             for r in rows for j in range(args.group_size)]

@@ -52,6 +52,8 @@ NOT_EQUAL = [
     "FLOP/s uses each side's own token counts",
     "GRPO generation: ours prefills each distinct prompt once for its group; transformers' generate "
     "prefills every row",
+    "GRPO reference log-probs (no gradient): ours run each distinct prompt once for its group, then the "
+    "completions; TRL runs every sequence whole. FLOP/s counts both as 2 N per scored token",
     "kernels: our attention / fused chunked log-probs vs transformers' sdpa LlamaForCausalLM + full logits",
     "optimizer: ours AdamW betas (0.9, 0.95), no decay on vectors; TRL AdamW betas (0.9, 0.999); lr is tiny "
     "on both sides and the schedule is constant (TRL) vs warmup 0 + cosine (ours): no effect on time",
