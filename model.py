@@ -292,6 +292,16 @@ class GPT(nn.Module):
         lp = lp.view(B, T)
         return (lp, ent.view(B, T)) if entropy else lp
 
+    def prefill(self, idx, ok, cache):
+        """Left-padded prompts idx (B, P), ok (B, P) True on real tokens -> hidden states (B, P, d), keys and values
+        into cache: each row's positions start at 0 at its first real token and the padding is hidden."""
+        P, device = idx.shape[1], idx.device
+        pos = (torch.arange(P, device=device) - (P - ok.sum(1))[:, None]).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=device)  # a pad query sees itself: no NaN
+        mask = None if bool(ok.all()) else ((causal & ok[:, None, :]) | eye)[:, None]  # (B, 1, P, P)
+        return self.trunk(idx, pos, mask, cache)
+
     @torch.no_grad()
     def shared_prefix_logprobs(self, idx, targets, mask, temperature=1.0):
         """forward(idx, targets, mask, temperature) without gradient, for right-padded rows (B, T) where
@@ -318,10 +328,7 @@ class GPT(nn.Module):
             pre = torch.zeros(len(first), P, dtype=torch.long, device=device)
             for j, i in enumerate(first):
                 pre[j, P - start[i]:], ok[j, P - start[i]:] = idx[i, :start[i]], True
-            pos = (torch.arange(P, device=device) - (P - ok.sum(1))[:, None]).clamp(min=0)
-            causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-            self.trunk(pre, pos, ((causal & ok[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None],
-                       cache)
+            self.prefill(pre, ok, cache)
         reps = torch.tensor([j - i for i, j in zip(first, first[1:] + [B])], device=device)
         cache.repeat_rows(reps)
         cols = torch.tensor(start, device=device)[:, None] + torch.arange(S, device=device)  # (B, S)
@@ -388,13 +395,8 @@ class GPT(nn.Module):
             Pg = len(prompts[first[order[len(done_rows)]]])
             g = order[len(done_rows):len(done_rows) + max(1, self.prefill_tokens // Pg)]
             rows, j = torch.tensor([first[i] for i in g], device=device), torch.tensor(g, device=device)
-            ok = valid[rows, P - Pg:P]  # (g, Pg): real tokens
-            pos = (torch.arange(Pg, device=device) - (Pg - ok.sum(1))[:, None]).clamp(min=0)
-            causal = torch.ones(Pg, Pg, dtype=torch.bool, device=device).tril()
-            eye = torch.eye(Pg, dtype=torch.bool, device=device)  # a pad query sees itself: no NaN
-            mask = None if bool(ok.all()) else ((causal & ok[:, None, :]) | eye)[:, None]  # (g, 1, Pg, Pg)
             sub = KVCache(cfg, len(g), Pg, device, dtype)
-            hs.append(self.trunk(idx[rows, P - Pg:], pos, mask, sub)[:, -1])  # (g, d)
+            hs.append(self.prefill(idx[rows, P - Pg:], valid[rows, P - Pg:P], sub)[:, -1])  # (g, d)
             for layer in range(cfg.n_layer):
                 cache.k[layer][j, :, P - Pg:P], cache.v[layer][j, :, P - Pg:P] = sub.k[layer], sub.v[layer]
             done_rows += g

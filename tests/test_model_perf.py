@@ -178,6 +178,16 @@ def test_shared_prefix_logprobs_equal_forward(fixture, temperature, request, mon
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
 
 
+def test_shared_prefix_logprobs_prompts_of_one_length(tiny_llama):
+    """Prompts of one length: the prefill runs without a padding mask."""
+    prompts = [p for p in ([5, 17, 3], [8, 9, 10]) for _ in range(3)]
+    comps = [[1, 2, 3], [4], [5, 6], [7, 8, 9, 10], [11], [12, 13]]
+    ids, targets, mask = rollout_batch(prompts, comps, 9, tiny_llama.config.pad_token_id)
+    with torch.no_grad():
+        want = tiny_llama(ids, targets, mask=mask)
+    assert torch.allclose(tiny_llama.shared_prefix_logprobs(ids, targets, mask), want, atol=1e-5, rtol=0)
+
+
 def test_shared_prefix_logprobs_no_repeat_is_forward(tiny_llama, monkeypatch):
     """With no prompt repeated (DPO's batches, a group size of 1), it is forward itself: one trunk call."""
     prompts, comps = [[5, 17, 3], [7], [12, 8, 60, 1]], [[4, 4], [9, 1, 2], [3]]
