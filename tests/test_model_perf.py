@@ -278,3 +278,41 @@ def test_use_compile_cuda_greedy_and_grads(tiny_llama):
         m.grad_checkpoint = ckpt
         for a, b in zip(grads(), plain):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+class RecordMM(TorchDispatchMode):
+    """Records the shapes of the first operand of every aten.mm run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:
+            self.left.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_few_rows_without_grad_multiplies_the_weight_by_the_input():
+    """model.Linear: a few rows on the CPU without autograd (generate's decode steps) are computed as
+    W @ x^T, with F.linear's result (bias, 3-D input) and layout; many rows, autograd or a small weight: F.linear."""
+    torch.manual_seed(0)
+    lin = M.Linear(512, 600, bias=True)
+    assert list(lin.state_dict()) == ["weight", "bias"]
+    x = torch.randn(3, 5, 512)
+    with torch.no_grad(), RecordMM() as rec:
+        y = lin(x)
+    assert (600, 512) in rec.left  # the weight on the left: the fast path ran
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-6, atol=1e-6)
+    assert y.shape == (3, 5, 600) and y.is_contiguous()
+    many = torch.randn(300, 512)
+    with torch.no_grad(), RecordMM() as rec:
+        torch.testing.assert_close(lin(many), torch.nn.functional.linear(many, lin.weight, lin.bias))
+    assert (600, 512) not in rec.left
+    with RecordMM() as rec:
+        y = lin(x)
+    assert y.requires_grad and (600, 512) not in rec.left
+    small = M.Linear(24, 40)
+    with torch.no_grad(), RecordMM() as rec:
+        small(torch.randn(4, 24))
+    assert (40, 24) not in rec.left
