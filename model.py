@@ -17,6 +17,7 @@ Sections: config and presets · modules · fused log-probs · generation · toke
 safetensors · Hugging Face loading and saving · hub download · GGUF.
 """
 
+import contextlib
 import json
 import math
 import mmap
@@ -103,19 +104,38 @@ class Norm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same names) that, for a few rows and a weight of 1 MB or more, on the CPU without
-    autograd (generate's decode steps), computes (W x^T)^T instead of x W^T: the BLAS then packs the few rows of x
-    rather than the whole weight at every call. SmolLM2-135M, batch 16: a decode step 1.2x faster on a 2-core
-    machine (docs/experiments.md). Small weights (the `tiny` model's) stay in the cache and gain nothing."""
+    """nn.Linear (same parameters, same names) that can also hold its weight in oneDNN's packed layout (`packed`,
+    set by `packed_weights` for generate's decode steps on the CPU). x W^T repacks the whole weight at every call,
+    which bounds a product of a few rows: packed once per generate call, SmolLM2-135M's linears run 2-2.7x faster
+    at 16 rows (docs/experiments.md). Results equal F.linear's up to float rounding (another summation order)."""
+
+    packed = None
 
     def forward(self, x):
         rows = x.shape[:-1].numel()
-        fast = rows <= 256 and self.weight.numel() >= 1 << 18 and x.device.type == "cpu"
-        if not fast or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"):
+        if self.packed is None or rows > 256 or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        y = (self.weight @ x.reshape(rows, x.shape[-1]).T).T.contiguous()
-        y = y if self.bias is None else y + self.bias
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), self.packed, self.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@contextlib.contextmanager
+def packed_weights(model, rows):
+    """Inside: the model's Linear weights of 2^18 entries or more (fp32, CPU, no autocast) also in oneDNN's packed
+    layout for products of `rows` rows: one more copy of them in memory, freed on exit. Small weights (all of `tiny`'s)
+    are left as they are."""
+    big = [m for m in model.modules() if isinstance(m, Linear) and m.weight.numel() >= 1 << 18
+           and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")) \
+            or torch.is_autocast_enabled("cpu") or rows > 256:
+        big = []
+    try:
+        for m in big:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        yield
+    finally:
+        for m in big:
+            m.packed = None
 
 
 def rope_inv_freq(cfg):
@@ -422,18 +442,19 @@ class GPT(nn.Module):
         h = h.repeat_interleave(reps, 0)  # (B, d)
         if len(first) < B:
             cache.repeat_rows(reps)
-        for t in range(max_new_tokens):
-            logits = self.lm_head(h).float()  # (B, V)
-            nxt = sample_next(logits, temperature, top_p, top_k, noise[:, t])
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            out[:, t], out_mask[:, t] = nxt, ~done
-            done = done | torch.isin(nxt, eos)
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            valid[:, P + t] = True
-            pos = (P + t - n_pad)[:, None]  # (B, 1)
-            cache.slot = torch.full((1,), P + t, device=device) if static else None
-            h = self.trunk(nxt[:, None], pos, valid[:, None, None, :L if static else P + t + 1], cache)[:, -1]
+        with packed_weights(self, B):  # the decode steps' products of B rows
+            for t in range(max_new_tokens):
+                logits = self.lm_head(h).float()  # (B, V)
+                nxt = sample_next(logits, temperature, top_p, top_k, noise[:, t])
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                out[:, t], out_mask[:, t] = nxt, ~done
+                done = done | torch.isin(nxt, eos)
+                if bool(done.all()) or t == max_new_tokens - 1:
+                    break
+                valid[:, P + t] = True
+                pos = (P + t - n_pad)[:, None]  # (B, 1)
+                cache.slot = torch.full((1,), P + t, device=device) if static else None
+                h = self.trunk(nxt[:, None], pos, valid[:, None, None, :L if static else P + t + 1], cache)[:, -1]
         return out, out_mask.long()
 
 

@@ -280,39 +280,46 @@ def test_use_compile_cuda_greedy_and_grads(tiny_llama):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-class RecordMM(TorchDispatchMode):
-    """Records the shapes of the first operand of every aten.mm run inside it."""
 
-    def __init__(self):
-        super().__init__()
-        self.left = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.mm.default:
-            self.left.append(tuple(args[0].shape))
-        return func(*args, **(kwargs or {}))
-
-
-def test_linear_few_rows_without_grad_multiplies_the_weight_by_the_input():
-    """model.Linear: a few rows on the CPU without autograd (generate's decode steps) are computed as
-    W @ x^T, with F.linear's result (bias, 3-D input) and layout; many rows, autograd or a small weight: F.linear."""
+def test_packed_weights_for_the_decode_steps():
+    """model.packed_weights: inside, large Linear weights are also held packed and a few rows without autograd go
+    through them (equal to F.linear up to rounding); small weights, autograd, many rows and the exit: F.linear."""
     torch.manual_seed(0)
-    lin = M.Linear(512, 600, bias=True)
-    assert list(lin.state_dict()) == ["weight", "bias"]
+    big, small = M.Linear(512, 600), M.Linear(24, 40, bias=False)
+    net = torch.nn.ModuleList([big, small])
+    assert list(big.state_dict()) == ["weight", "bias"]
     x = torch.randn(3, 5, 512)
-    with torch.no_grad(), RecordMM() as rec:
-        y = lin(x)
-    assert (600, 512) in rec.left  # the weight on the left: the fast path ran
-    torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-6, atol=1e-6)
-    assert y.shape == (3, 5, 600) and y.is_contiguous()
-    many = torch.randn(300, 512)
-    with torch.no_grad(), RecordMM() as rec:
-        torch.testing.assert_close(lin(many), torch.nn.functional.linear(many, lin.weight, lin.bias))
-    assert (600, 512) not in rec.left
-    with RecordMM() as rec:
-        y = lin(x)
-    assert y.requires_grad and (600, 512) not in rec.left
-    small = M.Linear(24, 40)
-    with torch.no_grad(), RecordMM() as rec:
-        small(torch.randn(4, 24))
-    assert (40, 24) not in rec.left
+    with M.packed_weights(net, 15):
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("torch built without oneDNN: nothing is packed")
+        assert big.packed is not None and small.packed is None
+        with torch.no_grad():
+            y = big(x)
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, big.weight, big.bias), rtol=1e-5, atol=1e-5)
+            assert y.shape == (3, 5, 600)
+            many = torch.randn(300, 512)
+            assert torch.equal(big(many), torch.nn.functional.linear(many, big.weight, big.bias))
+        y = big(x)
+        assert y.requires_grad and torch.equal(y, torch.nn.functional.linear(x, big.weight, big.bias))
+    assert big.packed is None
+
+
+def test_generate_with_packed_weights_is_greedy_equal_to_the_uncached_loop():
+    """A model whose linears are packed in the decode steps (weights of 2^18+ entries) decodes greedily what the
+    uncached loop decodes (no packing there: it has autograd off but many rows)."""
+    torch.manual_seed(0)
+    cfg = M.GPTConfig(arch="llama", vocab_size=600, n_layer=2, n_head=8, n_kv_head=4, n_embd=512, ffn_dim=512,
+                      max_seq_len=64, tie_embeddings=False, eos_token_id=[0], pad_token_id=1)
+    model = M.GPT(cfg).eval()
+    for p in model.parameters():  # larger weights than the init's: logits far apart, so rounding cannot flip an argmax
+        p.data.mul_(4)
+    packed = [m for m in model.modules() if isinstance(m, M.Linear) and m.weight.numel() >= 1 << 18]
+    assert len(packed) >= 3
+    prompts = [[5, 9, 7, 3], [8, 2], [4, 4, 4, 6, 2, 9]]
+    out, _ = model.generate(prompts, 12, temperature=0, eos_id=[-1])
+    for prompt, row in zip(prompts, out.tolist()):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert row == ids[len(prompt):]
