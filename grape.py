@@ -1,17 +1,18 @@
 """
-grape.py: GRAPE, grpo.py with rubric rewards: checked and judged items per category, each item's weight
-its importance times the critic's confidence, then group-relative advantages and the clip.
+grape.py: GRAPE, grpo.py with rubric rewards: checked and judged items weighted by importance × confidence.
 
-Generalized Relative Advantage Policy Evolution, the direction proposed in the final section of Patel,
-arXiv 2509.04501 (related: "Rubrics as Rewards", arXiv 2507.17746). Every prompt x has a category c(x),
-every category a rubric: items k of importance λ_k, each *checked* (a program: answer right, format ...)
-or *judged* (a critic model answers the item's question about the completion), giving completion y_i a
-score s_ik ∈ [0, 1] and a confidence c_ik ∈ [0, 1]. The reward is their confidence-weighted mean; the
-rest is grpo.py:
+Generalized Relative Advantage Policy Evolution (final section of Patel, arXiv 2509.04501; related: "Rubrics as
+Rewards", arXiv 2507.17746). Each prompt x has a category c(x), each category a rubric of items k of importance
+λ_k, *checked* (a program) or *judged* (a critic answers its question), giving completion y_i a score s_ik and a
+confidence c_ik in [0, 1]. The reward r_i is their confidence-weighted mean; the rest is the GRPO of
+Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300), with the options of Dr. GRPO (arXiv 2503.20783) and
+DAPO (arXiv 2503.14476); the exposition follows Patel, arXiv 2509.04501. Sample G completions of each
+prompt x from the policy π_old about to be updated, give every token of y_i its group's advantage, and
+take μ clipped steps on
 
-    r_i = Σ_k w_k s_ik / Σ_k w_k over the items k of c(x),   w_k = λ_k · mean_j c_jk (j: the batch)
     J(θ) = E [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i) − β KL_t(π_θ ‖ π_ref) ],
     ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),   A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
+    r_i = Σ_k w_k s_ik / Σ_k w_k over the items k of c(x),   w_k = λ_k · mean_j c_jk (j: the batch, where k applies)
 
 Choices made here where the literature differs:
   1. Advantage: the group's mean subtracted and its std (unbiased, as TRL and verl) divided out;
@@ -28,19 +29,14 @@ Choices made here where the literature differs:
      the same T, recomputed by the training forward pass (never the sampler's numbers).
   6. Truncated completions (no EOS) keep their reward (a failure) unless --mask-truncated drops them
      from the loss (DAPO); they still count in their group's statistics.
-  7. Rubric (7-11: the paper leaves them open): JSON {category: [items]} (--rubric, else DEFAULT_RUBRIC); an
-     item {"name", "kind": "checked" | "judged", "weight": λ > 0} with a "check" (one of CHECKS: score 0 or 1,
-     confidence 1) or a "question". An example's category: its "category", else --category.
-  8. Judged items: the local critic (the frozen reference, or --judge-model) reads P(yes), P(no) after the
-     problem, completion and question in one forward: s = P(yes) / (P(yes) + P(no)), c = |2s − 1|. Over HTTP
-     (--judge-url, OpenAI chat completions) it replies {"score", "confidence", "reason"}, each in [0, 1].
-  9. c is how decisive the critic is, not whether it is right; w_k averages c over the batch's completions in
-     the item's category, over all ranks. The policy can learn text that sways a judge: keep checked items heavy.
+  7. Rubric (7-10: the paper leaves them open): JSON {category: [items]} (--rubric, else DEFAULT_RUBRIC); an
+     item {"name", "kind", "weight": λ > 0} and a "check" (checked: one of CHECKS, c = 1) or a "question" (judged).
+  8. Judged: the local critic (the reference, or --judge-model) reads s = P(yes) / (P(yes) + P(no)), c = |2s − 1|;
+     over HTTP (--judge-url, OpenAI chat completions) it replies {"score", "confidence", "reason"} in [0, 1].
+  9. c is how decisive the critic is, not whether it is right: the policy can sway a judge, keep checked items heavy.
   10. --per-item-advantages (beyond the paper): group advantages of each item's scores, A_i = Σ_k w_k A_ik / Σ_k w_k.
-  11. Logged: rubric/<name>/score, /confidence, /weight; eval/rubric/<name>, the held-out mean of each checked item.
 
 Run: python sft.py && python grape.py   (real weights, GPUs, torchrun: README.md)
-     python grape.py --judge-url http://localhost:8000/v1 --judge-name Qwen/Qwen2.5-7B-Instruct   (vLLM judge)
 """
 
 import argparse
@@ -181,9 +177,8 @@ class Args:
 
 
 def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
-    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std
-    (scale="group"), by the std of all the batch's rewards (scale="batch": `batch_std`, over every
-    rank; that of `rewards` when None) or by nothing (scale="none"). All-equal groups get 0."""
+    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std (group), the
+    batch's std (batch: `batch_std`, over every rank; None: that of `rewards`) or nothing (none)."""
     centred = rewards - rewards.mean(1, keepdim=True)
     if scale == "group":
         return centred / (rewards.std(1, keepdim=True) + eps)
@@ -193,9 +188,8 @@ def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
 
 
 def kl_estimate(logp, ref_logp, kind):
-    """Per-token estimates of KL(π || π_ref) from tokens sampled from π (Schulman 2020), with
-    log r = log π_ref − log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance),
-    k3 = r − 1 − log r (unbiased and ≥ 0). Same shape as logp; differentiable in logp."""
+    """Per-token estimates of KL(π || π_ref) on tokens sampled from π (Schulman 2020), log r = log π_ref −
+    log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance), k3 = r − 1 − log r (unbiased, ≥ 0)."""
     log_r = ref_logp - logp
     if kind == "k1":
         return -log_r
@@ -205,9 +199,8 @@ def kl_estimate(logp, ref_logp, kind):
 
 
 def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high):
-    """logp, old_logp (B, T); adv (B,). Per-token loss −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) with
-    ρ = exp(logp − old_logp), and the masks (B, T) of the tokens where the clip binds (zero gradient):
-    below (A < 0, ρ < 1 − ε_low) and above (A > 0, ρ > 1 + ε_high)."""
+    """logp, old_logp (B, T); adv (B,) -> per-token −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A), ρ = exp(logp
+    − old_logp), and the masks (B, T) where the clip binds: A < 0, ρ < 1 − ε_low (low); A > 0, ρ > 1 + ε_high."""
     ratio, adv = torch.exp(logp - old_logp), adv[:, None]
     loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     return loss, (adv < 0) & (ratio < 1 - eps_low), (adv > 0) & (ratio > 1 + eps_high)
@@ -233,17 +226,13 @@ DEFAULT_RUBRIC = {"math": [  # the built-in task's rubric; --rubric a .json of t
     {"name": "shows_work", "kind": "checked", "check": "shows_work", "weight": 0.25},
     {"name": "concise", "kind": "checked", "check": "length", "max_ratio": 1.5, "weight": 0.1},
     {"name": "stepwise", "kind": "judged", "weight": 0.25,
-     "question": "Does the working lead step by step to the final answer? Answer yes or no."},
-]}
+     "question": "Does the working lead step by step to the final answer? Answer yes or no."}]}
 CHECKS = {  # the programs of checked items: (completion text, example, item) -> score in [0, 1]
     "correct": lambda text, ex, item: reward_fn(text, ex),  # the task's reward: the final answer is right
-    "format": lambda text, ex, item: float(bool(  # ends with '#### N'
-        re.search(r"(^|\n)####\s*-?[\d,]*\.?\d+\s*$", text))),
+    "format": lambda text, ex, item: float(bool(re.search(r"(^|\n)####\s*-?[\d,]*\.?\d+\s*$", text))),  # ends '#### N'
     "shows_work": lambda text, ex, item: float(bool(  # 'a + b = c' (or - * / ×) somewhere before the '####' line
         re.search(r"\d\s*[-+*/×]\s*\d[^\n]*=\s*-?\d", text.split("####")[0]))),
-    "length": lambda text, ex, item: float(  # at most max_ratio (default 2) times the reference's characters
-        len(text) <= item.get("max_ratio", 2.0) * len(ex["completion"])),
-}
+    "length": lambda text, ex, item: float(len(text) <= item.get("max_ratio", 2.0) * len(ex["completion"]))}
 KINDS = ("checked", "judged")
 number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 ITEM_FIELDS = {  # field: (what it must be, its test, the kinds of item that need it; (): any item may have it)
@@ -253,6 +242,11 @@ ITEM_FIELDS = {  # field: (what it must be, its test, the kinds of item that nee
     "check": (f"one of {', '.join(CHECKS)}", lambda v: isinstance(v, str) and v in CHECKS, ("checked",)),
     "question": ("a non-empty string", lambda v: isinstance(v, str) and v.strip(), ("judged",)),
     "max_ratio": ("a number > 0", number, ())}
+JUDGE_TEXT = "Problem: {}\n\nResponse: {}\n\n{}"  # what the critic is shown: problem, completion, question
+JUDGE_SYSTEM = ("You grade one response to a problem on one criterion. Reply with JSON only: {\"score\": <0 to 1: how "
+                "well the response meets the criterion>, \"confidence\": <0 to 1: how sure you are>, \"reason\": "
+                "\"<one short sentence>\"}")
+JUDGE_PROBE = ("1 + 1 = ?", "1 + 1 = 2\n#### 2", "Is the answer right? Answer yes or no.")  # asked once at start
 
 
 def check_item(item, where):
@@ -274,8 +268,7 @@ def check_item(item, where):
 
 
 def load_rubric(path):
-    """The items of the rubric in `path` (JSON {category: [items]}), or of DEFAULT_RUBRIC when empty: a flat
-    list, each item with its "category" added. A bad file is one SystemExit naming it and the item."""
+    """The items of the rubric in `path` (empty: DEFAULT_RUBRIC), each with its "category"; else SystemExit."""
     where, rubric = path or "the built-in rubric", DEFAULT_RUBRIC
     if path:
         try:
@@ -310,21 +303,19 @@ def check_categories(items, where, splits, default):
 
 
 def score_items(items, texts, examples, default, judge):
-    """Scores s, confidences c and applies (N, K) of N completions under K items (applies: 1 where item k is
-    in the category of completion n's example). Checked items: their program, c = 1. Judged items: one call
-    judge([(problem, completion, item question)]) -> (scores, confidences) for all of them."""
+    """-> scores s, confidences c, applies (N, K) of N completions under K items (applies: 1 where item k is in
+    the category of completion n's example). Checked: their program, c = 1; judged: one judge(asks) call for all."""
     s, c, applies = (torch.zeros(len(texts), len(items)) for _ in range(3))
     asks, where = [], []
     for n, (text, ex) in enumerate(zip(texts, examples)):
         for k, item in enumerate(items):
-            if item["category"] != ex.get("category", default):
-                continue
-            applies[n, k] = 1
-            if item["kind"] == "checked":
-                s[n, k], c[n, k] = CHECKS[item["check"]](text, ex, item), 1.0
-            else:
-                asks.append((ex["prompt"], text, item["question"]))
-                where.append((n, k))
+            if item["category"] == ex.get("category", default):
+                applies[n, k] = 1
+                if item["kind"] == "checked":
+                    s[n, k], c[n, k] = CHECKS[item["check"]](text, ex, item), 1.0
+                else:
+                    asks.append((ex["prompt"], text, item["question"]))
+                    where.append((n, k))
     if judge is not None:  # called on every rank, with or without asks (under --fsdp it gathers the critic)
         for (n, k), score, confidence in zip(where, *(x.tolist() for x in judge(asks))):
             s[n, k], c[n, k] = score, confidence
@@ -332,30 +323,21 @@ def score_items(items, texts, examples, default, judge):
 
 
 def item_weights(importance, conf_sum, count):
-    """importance, conf_sum, count (K,) -> w (K,): importance × the mean confidence of each item over the
-    completions of the batch it applies to (sums over every rank); 0 for an item with none."""
+    """importance, conf_sum, count (K,), sums over every rank -> w (K,): importance × mean confidence (0: count 0)."""
     return importance * conf_sum / count.clamp(min=1)
 
 
 def rubric_rewards(s, applies, w):
-    """s, applies (N, K), w (K,) -> r (N,) = Σ_k w_k s_nk / Σ_k w_k over the items of completion n's
-    category (0 where all their weights are 0)."""
+    """s, applies (N, K), w (K,) -> r (N,) = Σ_k w_k s_nk / Σ_k w_k over the items that apply (0 if those w are 0)."""
     wa = applies * w
     return (wa * s).sum(1) / torch.where(wa.sum(1) > 0, wa.sum(1), 1.0)
 
 
 def per_item_advantages(s, applies, w, group_size, scale, batch_std):
-    """s, applies (N, K), w, batch_std (K,) -> A (N,): the group advantages of each item's scores on their
-    own (group_advantages, as grpo.py), then their weighted mean Σ_k w_k A_nk / Σ_k w_k as above."""
+    """s, applies (N, K), w, batch_std (K,) -> A (N,) = Σ_k w_k A_nk / Σ_k w_k, A_nk: item k's group advantages."""
     adv = torch.stack([group_advantages(s[:, k].view(-1, group_size), scale, batch_std[k]).reshape(-1)
                        for k in range(s.shape[1])], 1)  # (N, K)
     return rubric_rewards(adv, applies, w)
-
-
-JUDGE_TEXT = "Problem: {}\n\nResponse: {}\n\n{}"  # what the critic is shown: problem, completion, question
-JUDGE_SYSTEM = ("You grade one response to a problem on one criterion. Reply with JSON only: {\"score\": <0 to 1: how "
-                "well the response meets the criterion>, \"confidence\": <0 to 1: how sure you are>, \"reason\": "
-                "\"<one short sentence>\"}")
 
 
 def judge_prompt(tok, problem, completion, question):
@@ -367,23 +349,19 @@ def judge_prompt(tok, problem, completion, question):
 
 @torch.no_grad()
 def judge_local(model, tok, asks, micro_batch_size, amp):
-    """asks [(problem, completion, item question)] -> scores, confidences (N,): s = P(yes) / (P(yes) + P(no))
-    of the critic's next token after judge_prompt, where "yes" is the first token of "yes" or "Yes" (a byte
-    for `tiny`), and c = |2s − 1|; one forward pass per micro-batch."""
+    """asks [(problem, completion, question)] -> s, c (N,): s = P(yes) / (P(yes) + P(no)) of the critic's next
+    token after judge_prompt ("yes": the first token of "yes" or "Yes", a byte for `tiny`), c = |2s − 1|."""
     yes, no = (sorted({tok.encode(w)[0] for w in words}) for words in (("yes", "Yes"), ("no", "No")))
     if set(yes) & set(no):
         raise SystemExit("error: the critic's tokenizer starts 'yes' and 'no' with the same token")
     prompts = [judge_prompt(tok, *a)[-model.config.max_seq_len:] for a in asks]  # too long: keep the end
-    if not asks:
-        return torch.zeros(0), torch.zeros(0)
-    device, out = model.lm_head.weight.device, []
+    device, out = model.lm_head.weight.device, [torch.zeros(0)]  # no asks: empty s, c
     for i in range(0, len(prompts), micro_batch_size):
         chunk = prompts[i:i + micro_batch_size]
         T = max(len(p) for p in chunk)
         ids = torch.tensor([p + [tok.pad_id] * (T - len(p)) for p in chunk], device=device)  # right padding: unseen
-        last = torch.tensor([len(p) - 1 for p in chunk], device=device)
         with amp:
-            h = model.trunk(ids)[torch.arange(len(chunk), device=device), last]  # (b, d) at each prompt's end
+            h = model.trunk(ids)[range(len(chunk)), [len(p) - 1 for p in chunk]]  # (b, d) at each prompt's end
             logp = model.lm_head(h).float().log_softmax(-1)  # (b, V)
         out.append((logp[:, yes].logsumexp(-1) - logp[:, no].logsumexp(-1)).cpu())  # log P(yes) / P(no)
     s = torch.sigmoid(torch.cat(out))
@@ -391,8 +369,7 @@ def judge_local(model, tok, asks, micro_batch_size, amp):
 
 
 def parse_verdict(content):
-    """A critic's reply -> (score, confidence, reason), both numbers in [0, 1] (code fences and text around
-    the JSON object are ignored); ValueError when there is no such object or a number is out of range."""
+    """A critic's reply, a JSON object among any text -> (score, confidence: in [0, 1], reason); else ValueError."""
     found = re.search(r"\{.*\}", content, flags=re.S)
     try:
         obj = json.loads(found.group(0) if found else content)
@@ -408,9 +385,8 @@ def parse_verdict(content):
 
 
 def ask_critic(url, name, key, ask, retries, timeout, backoff=1.0):
-    """One judged item over HTTP (OpenAI chat completions) -> (score, confidence, reason). An HTTP error, no
-    whole reply within `timeout` seconds (a deadline for the request, not per read) or a malformed one: wait
-    backoff · 2^try and ask again; after `retries` tries, one SystemExit naming the URL and what went wrong."""
+    """One judged item over HTTP (OpenAI chat completions) -> (score, confidence, reason). On an HTTP error, a
+    malformed reply or none whole within `timeout` s: wait backoff · 2^try, retry; `retries` tries, then SystemExit."""
     body = json.dumps({"model": name, "temperature": 0, "messages": [
         {"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": JUDGE_TEXT.format(*ask)}]}).encode()
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
@@ -434,9 +410,6 @@ def ask_critic(url, name, key, ask, retries, timeout, backoff=1.0):
     raise SystemExit(f"error: --judge-url {url}: {why} after {retries} tries")
 
 
-JUDGE_PROBE = ("1 + 1 = ?", "1 + 1 = 2\n#### 2", "Is the answer right? Answer yes or no.")  # asked once at start
-
-
 def judge_http(asks, url, name, key, retries, timeout, workers, backoff=1.0):
     """asks -> scores, confidences (N,) from the server, `workers` requests at a time."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -445,8 +418,7 @@ def judge_http(asks, url, name, key, retries, timeout, workers, backoff=1.0):
 
 
 def make_judge(args, items, ref, tok, device, amp):
-    """judge(asks) -> (scores, confidences): the --judge-url server, else the local critic (--judge-model,
-    else the frozen reference); None when the rubric has no judged item."""
+    """judge(asks) -> (s, c): the --judge-url server, else --judge-model, else the reference; None: no judged item."""
     if not any(it["kind"] == "judged" for it in items):
         return None
     if args.judge_url:
@@ -470,14 +442,12 @@ def make_judge(args, items, ref, tok, device, amp):
 
 
 def evaluate_rubric(model, tok, examples, args, amp, items):
-    """evaluate() plus eval/rubric/<name>: the held-out mean of every checked item over the examples of its
-    category, on the same greedy completions (this rank's; then summed over every rank)."""
+    """evaluate() plus eval/rubric/<name>: each checked item's held-out mean in its category, same completions."""
     pairs, checked = eval_completions(model, tok, examples, args, amp), [it for it in items if it["kind"] == "checked"]
-    metrics = eval_metrics(pairs, len(examples))
     s, _, applies = score_items(checked, [t for _, t in pairs], [ex for ex, _ in pairs], args.category, None)
     sums, counts = torch.tensor(all_sum(*(applies * s).sum(0).tolist(), *applies.sum(0).tolist())).view(2, -1)
-    return metrics | {f"eval/rubric/{it['name']}": (sums[k] / counts[k]).item()
-                      for k, it in enumerate(checked) if counts[k] > 0}
+    return eval_metrics(pairs, len(examples)) | {f"eval/rubric/{it['name']}": (sums[k] / counts[k]).item()
+                                                 for k, it in enumerate(checked) if counts[k] > 0}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,11 +475,11 @@ def main():
         raise SystemExit("error: --per-item-advantages needs --kl-in loss (the KL has no item to join)")
     items = load_rubric(args.rubric)
     check_categories(items, args.rubric, {"train": train, "eval": evals}, args.category)
+    evaluate = lambda *a: evaluate_rubric(*a, items)  # evaluate() plus eval/rubric/<name>
     judge, importance = make_judge(args, items, ref, tok, device, amp), torch.tensor([it["weight"] for it in items])
     bar = begin(policy, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} prompts x "
                 f"{args.group_size} completions = {world} ranks x {per_rank * args.group_size} sequences in "
-                f"micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval",
-                lambda *a: evaluate_rubric(*a, items))
+                f"micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval", evaluate)
     for step in bar:
         t0, lr = time.time(), set_lr(opt, step, args)
         rows = range(rank, args.batch_size, world)  # this rank's places in the step's batch of prompts
@@ -525,8 +495,7 @@ def main():
         t_judge = time.time() - t0 - t_gen
         batch = collate(seqs, masks, tok.pad_id, device)
         mask, n_seqs = batch[2], args.batch_size * args.group_size
-        # log π_old, of the policy that sampled, and log π_ref
-        # (log π_old: the first update's own forward, unless --kl-in reward needs it before the advantages)
+        # log π_old (the first update's own forward, unless --kl-in reward needs it first) and log π_ref
         old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature) \
             if args.kl_in == "reward" else torch.zeros(mask.shape, device=device)
         ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \
@@ -566,22 +535,19 @@ def main():
         kl_seq = ((old_logp - ref_logp) * batch[2]).sum(1) if ref is not None else torch.zeros(1)  # Σ_t k1, logged
         ent_sum, low_sum, high_sum, kl_sum, n_equal = all_sum(*totals[:3], kl_seq.sum().item(), sum(
             bool((g == g[0]).all()) for g in rewards.view(-1, args.group_size)))
-        n_all = args.mu * max(n_tok, 1)  # tokens in the loss, over the μ updates
+        n_all, loss_sum, grad_norm = args.mu * max(n_tok, 1), loss_sum / args.mu, totals[3] / args.mu  # per update
         metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
-            "train/loss": loss_sum / args.mu, "train/lr": lr, "train/grad_norm": totals[3] / args.mu,
-            "train/kl": kl_sum / n_seqs, "train/entropy": ent_sum / n_all,
-            "train/clipfrac": (low_sum + high_sum) / n_all, "train/clipfrac_low": low_sum / n_all,
-            "train/clipfrac_high": high_sum / n_all, "train/groups_all_equal": n_equal / args.batch_size,
+            "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm, "train/kl": kl_sum / n_seqs,
+            "train/entropy": ent_sum / n_all, "train/clipfrac": (low_sum + high_sum) / n_all,
+            "train/clipfrac_low": low_sum / n_all, "train/clipfrac_high": high_sum / n_all,
+            "train/groups_all_equal": n_equal / args.batch_size,
             "perf/judge_seconds": t_judge, "perf/update_seconds": time.time() - t0 - t_gen - t_judge}
-        for k, it in enumerate(items):
-            if count[k] > 0:  # an item of a category this batch has
-                metrics |= {f"rubric/{it['name']}/score": (score_sum[k] / count[k]).item(),
-                            f"rubric/{it['name']}/weight": weight[k].item(),
-                            f"rubric/{it['name']}/confidence": (conf_sum[k] / count[k]).item()}
+        metrics |= {f"rubric/{it['name']}/{key}": v[k].item() for k, it in enumerate(items) if count[k] > 0
+                    for key, v in (("score", score_sum / count), ("weight", weight), ("confidence", conf_sum / count))}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            metrics |= evaluate_rubric(policy, tok, evals, args, amp, items)
+            metrics |= evaluate(policy, tok, evals, args, amp)
         end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt})
-    finish(args, run_dir, rank, evaluate_rubric(policy, tok, evals, args, amp, items))
+    finish(args, run_dir, rank, evaluate(policy, tok, evals, args, amp))
 
 
 # ==============================================================================================

@@ -142,9 +142,8 @@ class Args:
 
 
 def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
-    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std
-    (scale="group"), by the std of all the batch's rewards (scale="batch": `batch_std`, over every
-    rank; that of `rewards` when None) or by nothing (scale="none"). All-equal groups get 0."""
+    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std (group), the
+    batch's std (batch: `batch_std`, over every rank; None: that of `rewards`) or nothing (none)."""
     centred = rewards - rewards.mean(1, keepdim=True)
     if scale == "group":
         return centred / (rewards.std(1, keepdim=True) + eps)
@@ -154,9 +153,8 @@ def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
 
 
 def kl_estimate(logp, ref_logp, kind):
-    """Per-token estimates of KL(π || π_ref) from tokens sampled from π (Schulman 2020), with
-    log r = log π_ref − log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance),
-    k3 = r − 1 − log r (unbiased and ≥ 0). Same shape as logp; differentiable in logp."""
+    """Per-token estimates of KL(π || π_ref) on tokens sampled from π (Schulman 2020), log r = log π_ref −
+    log π: k1 = −log r (unbiased), k2 = ½ (log r)² (biased, low variance), k3 = r − 1 − log r (unbiased, ≥ 0)."""
     log_r = ref_logp - logp
     if kind == "k1":
         return -log_r
@@ -166,9 +164,8 @@ def kl_estimate(logp, ref_logp, kind):
 
 
 def clipped_surrogate(logp, old_logp, adv, eps_low, eps_high):
-    """logp, old_logp (B, T); adv (B,). Per-token loss −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) with
-    ρ = exp(logp − old_logp), and the masks (B, T) of the tokens where the clip binds (zero gradient):
-    below (A < 0, ρ < 1 − ε_low) and above (A > 0, ρ > 1 + ε_high)."""
+    """logp, old_logp (B, T); adv (B,) -> per-token −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A), ρ = exp(logp
+    − old_logp), and the masks (B, T) where the clip binds: A < 0, ρ < 1 − ε_low (low); A > 0, ρ > 1 + ε_high."""
     ratio, adv = torch.exp(logp - old_logp), adv[:, None]
     loss = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     return loss, (adv < 0) & (ratio < 1 - eps_low), (adv > 0) & (ratio > 1 + eps_high)
@@ -217,8 +214,7 @@ def main():
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
         mask, n_seqs = batch[2], args.batch_size * args.group_size
-        # log π_old, of the policy that sampled, and log π_ref
-        # (log π_old: the first update's own forward, unless --kl-in reward needs it before the advantages)
+        # log π_old (the first update's own forward, unless --kl-in reward needs it first) and log π_ref
         old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature) \
             if args.kl_in == "reward" else torch.zeros(mask.shape, device=device)
         ref_logp = sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature) \
@@ -255,12 +251,12 @@ def main():
         kl_seq = ((old_logp - ref_logp) * batch[2]).sum(1) if ref is not None else torch.zeros(1)  # Σ_t k1, logged
         ent_sum, low_sum, high_sum, kl_sum, n_equal = all_sum(*totals[:3], kl_seq.sum().item(), sum(
             bool((g == g[0]).all()) for g in rewards.view(-1, args.group_size)))
-        n_all = args.mu * max(n_tok, 1)  # tokens in the loss, over the μ updates
+        n_all, loss_sum, grad_norm = args.mu * max(n_tok, 1), loss_sum / args.mu, totals[3] / args.mu  # per update
         metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
-            "train/loss": loss_sum / args.mu, "train/lr": lr, "train/grad_norm": totals[3] / args.mu,
-            "train/kl": kl_sum / n_seqs, "train/entropy": ent_sum / n_all,
-            "train/clipfrac": (low_sum + high_sum) / n_all, "train/clipfrac_low": low_sum / n_all,
-            "train/clipfrac_high": high_sum / n_all, "train/groups_all_equal": n_equal / args.batch_size}
+            "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm, "train/kl": kl_sum / n_seqs,
+            "train/entropy": ent_sum / n_all, "train/clipfrac": (low_sum + high_sum) / n_all,
+            "train/clipfrac_low": low_sum / n_all, "train/clipfrac_high": high_sum / n_all,
+            "train/groups_all_equal": n_equal / args.batch_size}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             metrics |= evaluate(policy, tok, evals, args, amp)
         end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt})
