@@ -1,30 +1,30 @@
 """
 dpo.py: Direct Preference Optimization (DPO) from preference pairs, with a frozen reference model.
 
-Rafailov et al. 2023 (arXiv 2305.18290); the exposition follows Patel, arXiv 2509.04501. Given pairs
-of a prompt x, a preferred completion y_w and a dispreferred one y_l, train the policy π_θ directly
-as the implicit reward model r(x,y) = β log π_θ(y|x)/π_ref(y|x) of a Bradley-Terry preference:
+Rafailov et al. 2023 (arXiv 2305.18290; the exposition follows Patel, arXiv 2509.04501): train the policy π_θ
+on pairs of a prompt x, a preferred y_w and a dispreferred y_l as the implicit Bradley-Terry reward β log π_θ/π_ref,
 
     L(θ) = − E_{(x,y_w,y_l)} log σ( β log π_θ(y_w|x)/π_ref(y_w|x) − β log π_θ(y_l|x)/π_ref(y_l|x) )
 
 Choices made here where the literature differs:
   1. Loss on completion tokens only: prompt tokens are masked; the EOS that ends a completion is a
      completion token and is in the loss (otherwise the model never learns to stop).
-  2. Aggregation: the pairwise loss is a mean over the pairs of the optimizer step, the NLL term
-     (choice 8) sft.py's token-weighted mean over every chosen token of the step; both normalisers
-     count all micro-batches and ranks, so the gradient is the same however the batch is split.
+  2. Token-weighted mean over every completion token of the optimizer step (all micro-batches, all
+     ranks): the gradient is the same however the batch is split. A mean per micro-batch would not
+     be.
+     In DPO: that of the NLL term (choice 8); the pair loss is a mean over the pairs of the step.
   3. AdamW (β = 0.9, 0.95; weight decay on matrices only), linear warmup then cosine decay to 10 %
      of the peak rate, gradient norm clipped. bf16 autocast on CUDA, fp32 on CPU.
   4. Data parallel under torchrun: each rank takes its share of the batch, gradients are summed with
      one all-reduce (gloo on CPU, NCCL on GPU) and, with choice 2, equal the one-process gradient.
      The sampling of the pairs and the reference pass are split over ranks and gathered.
   5. Step s always sees the same examples (a seeded permutation per epoch), so --resume ends exactly
-     where the uninterrupted run ends. Offline: the pairs are fixed for the whole run.
+     where the uninterrupted run ends.
   6. Pairs (--task). arith, gsm8k: k samples of each prompt from the starting model, scored by reward_fn; up
      to --pairs-per-prompt pairs a prompt, a random highest-reward sample against a distinct lowest-reward one
      (all tied: none). hh: Anthropic HH-RLHF, the prompt up to the last "\\n\\nAssistant:". jsonl: {"prompt",
      "chosen", "rejected"} lines. Over --max-len: each completion cut to --max-len / 2, the prompt from the left.
-  7. The reference's log-probs of every completion are computed once before training and kept (then freed).
+  7. Offline: the pairs, and the reference's log-probs of their completions, are made once before training.
   8. --loss (h = log π_θ/π_ref(y_w) − log π_θ/π_ref(y_l)): sigmoid (DPO; --label-smoothing: cDPO), robust (rDPO,
      arXiv 2403.00409), ipo ((h − 1/(2β))², arXiv 2310.12036; length-normalised log-ratios, as its paper and
      TRL), hinge (max(0, 1 − βh), SLiC). --rpo-alpha α adds α × the chosen NLL (RPO, arXiv 2404.19733).
@@ -76,7 +76,7 @@ class Args:
     hh: an HH-RLHF file or URL (default ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz);
     jsonl: a file or URL of {"prompt", "chosen", "rejected"} lines; hh and jsonl: the last --eval-size held out"""
     train_size: int = 2000
-    """arith: number of training prompts (each sampled --group-size times to make a pair)"""
+    """arith: number of training problems"""
     eval_size: int = 500
     """held-out prompts (arith, gsm8k: scored greedy, and sampled for held-out pairs) or pairs (hh, jsonl)"""
     run_name: str = ""
@@ -146,59 +146,42 @@ class Args:
 
 
 def shard_map(fn, items):
-    """[fn(x) for x in items], with the items split over ranks (items[rank::world]) and the results
-    gathered back in order on every rank."""
+    """[fn(x) for x in items], the items split over ranks (items[rank::world]) and the results gathered in order."""
     if not dist.is_initialized():
         return [fn(x) for x in items]
     rank, world = dist.get_rank(), dist.get_world_size()
-    parts, out = [None] * world, [None] * len(items)
+    parts = [None] * world
     dist.all_gather_object(parts, [fn(x) for x in items[rank::world]])
-    for r, part in enumerate(parts):
-        out[r::world] = part
-    return out
+    return [parts[i % world][i // world] for i in range(len(items))]  # item i is rank i % world's
 
 
 def sample_pairs(model, tok, examples, args, amp):
-    """Pairs {"prompt_ids", "chosen_ids", "rejected_ids", "index"} made by sampling `model` (choice 6 of
-    the docstring), --batch-size prompts per call; returns the pairs and the number of prompts skipped."""
-    chunks = [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
-
-    def sample(c):  # a prompt's samples are seeded by its place in `examples`: the same pairs on any number of ranks
-        rows = range(c * args.batch_size, c * args.batch_size + len(chunks[c]))
-        seqs, _, rewards, _, _ = rollout(model, tok, chunks[c], args, 0, rows, amp)
+    """Pairs {"prompt_ids", "chosen_ids", "rejected_ids", "index"} sampled from `model` (choice 6), and the number
+    of prompts without one."""
+    def sample(i):  # a prompt's samples are seeded by its place in `examples`: the same pairs on any number of ranks
+        chunk = examples[i:i + args.batch_size]
+        seqs, _, rewards, _, _ = rollout(model, tok, chunk, args, 0, range(i, i + len(chunk)), amp)
         return list(zip(seqs, rewards.tolist()))
-
-    samples = [s for part in shard_map(sample, list(range(len(chunks)))) for s in part]
+    samples = [s for part in shard_map(sample, list(range(0, len(examples), args.batch_size))) for s in part]
     rng, pairs = random.Random(f"pairs-{args.seed}"), []
     for i, ex in enumerate(examples):
         group = samples[i * args.group_size:(i + 1) * args.group_size]  # (sequence, reward) x k
         hi, lo = max(r for _, r in group), min(r for _, r in group)
-        if hi == lo:
-            continue
-        best, worst, n = [s for s, r in group if r == hi], [], len(ex["prompt_ids"])
-        for s, r in group:  # the distinct lowest-reward samples, in sampling order
-            if r == lo and s not in worst:
-                worst.append(s)
-        for rejected in rng.sample(worst, min(args.pairs_per_prompt, len(worst))):
-            chosen = rng.choice(best)
-            pairs.append({"prompt_ids": ex["prompt_ids"], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:],
-                          "index": i})
+        best, n = [s for s, r in group if r == hi], len(ex["prompt_ids"])
+        worst = [] if hi == lo else [list(s) for s in dict.fromkeys(tuple(s) for s, r in group if r == lo)]  # distinct
+        pairs += [{"prompt_ids": ex["prompt_ids"], "chosen_ids": rng.choice(best)[n:], "rejected_ids": rejected[n:],
+                   "index": i} for rejected in rng.sample(worst, min(args.pairs_per_prompt, len(worst)))]
     return pairs, len(examples) - len({p["index"] for p in pairs})
 
 
-HH_TURN = "\n\nAssistant:"
-
-
 def split_hh(dialogue):
-    """An HH-RLHF dialogue -> (prompt, completion): the prompt is everything up to and including the last
-    "\n\nAssistant:", the completion the final assistant turn after it; None when there is no such turn."""
-    i = dialogue.rfind(HH_TURN)
-    return None if i < 0 else (dialogue[:i + len(HH_TURN)], dialogue[i + len(HH_TURN):])
+    """An HH-RLHF dialogue -> (all up to and including the last "\n\nAssistant:", the reply after it), or None."""
+    prompt, turn, completion = dialogue.rpartition("\n\nAssistant:")
+    return (prompt + turn, completion) if turn else None
 
 
 def read_pairs(args):
-    """Text pairs {"prompt", "chosen", "rejected"} of --task hh or jsonl, and the number of HH pairs skipped
-    because chosen and rejected differ before their last assistant turn."""
+    """Text pairs {"prompt", "chosen", "rejected"} of --task hh or jsonl, and how many HH pairs' prompts differ."""
     if args.task == "jsonl":
         if not args.data_path:
             raise SystemExit('error: --task jsonl needs --data-path (a file or URL of {"prompt", "chosen", "rejected"} '
@@ -211,16 +194,15 @@ def read_pairs(args):
         c, r = split_hh(row["chosen"]), split_hh(row["rejected"])
         if c is None or r is None:
             raise SystemExit(f"error: {path}: record {i}: the {'chosen' if c is None else 'rejected'} dialogue has "
-                             f"no {HH_TURN!r} turn (expected Anthropic HH-RLHF dialogues)")
+                             "no '\\n\\nAssistant:' turn (expected Anthropic HH-RLHF dialogues)")
         if c[0] == r[0]:
             pairs.append({"prompt": c[0], "chosen": c[1], "rejected": r[1]})
     return pairs, len(rows) - len(pairs)
 
 
 def tokenize_pairs(rows, tok, max_len, raw):
-    """Token ids of text pairs: the prompt as raw text (hh) or as sft.py lays it out (jsonl), each completion
-    + EOS cut to its first max_len // 2 tokens (a cut one loses its EOS), the prompt to its last max_len −
-    (longer completion) tokens (cut from the left: the last turns survive). Returns (pairs, number cut)."""
+    """Token ids of text pairs -> (pairs, number cut): prompt raw (hh) or as in sft.py (jsonl), each completion + EOS
+    cut to its first max_len // 2 tokens (losing its EOS), the prompt to its last max_len − (longer completion)."""
     pairs, n_cut = [], 0
     for row in rows:
         p = tok.encode(row["prompt"]) if raw else prompt_ids(tok, row["prompt"])
@@ -240,8 +222,7 @@ def collate_pairs(pairs, pad_id, device):
 
 @torch.no_grad()
 def pair_logps(model, tok, pairs, args, amp):
-    """Summed log-probs (N, 2) of each pair's chosen and rejected completion, --micro-batch-size pairs at a
-    time, split over ranks (under --fsdp each rank holds the whole model for it)."""
+    """Summed log-probs (N, 2) of each pair's (chosen, rejected), split over ranks (under --fsdp: the model whole)."""
     def chunk(i):
         batch = collate_pairs(pairs[i:i + args.micro_batch_size], tok.pad_id, model.lm_head.weight.device)
         return sequence_logprobs(model, batch, 2 * args.micro_batch_size, amp).sum(1).view(2, -1).T.tolist()
@@ -251,14 +232,13 @@ def pair_logps(model, tok, pairs, args, amp):
 
 
 def log_ratios(pi, ref, lengths, length_norm):
-    """pi, ref (B, 2): summed log-probs of (chosen, rejected) under the policy and the reference; lengths
-    (B, 2) in tokens -> log π/π_ref (B, 2), per token (the mean over the completion) with length_norm."""
+    """pi, ref (B, 2): summed log-probs of (chosen, rejected); lengths (B, 2) -> log π/π_ref (B, 2), per token
+    (divided by the lengths) with length_norm."""
     return (pi - ref) / lengths if length_norm else pi - ref
 
 
 def length_normalised(args):
-    """Whether the log-ratios are per token: --length-norm, where auto means on for IPO (Azar et al. and TRL
-    use the mean per-token log-ratio there) and off for the others (the DPO paper's sums)."""
+    """--length-norm; auto: on for IPO (per-token log-ratios, as Azar et al. and TRL), off for the others (sums)."""
     return args.length_norm == "on" or args.length_norm == "auto" and args.loss == "ipo"
 
 
@@ -280,9 +260,7 @@ def dpo_loss(ratios, beta, kind="sigmoid", eps=0.0):
 
 
 def pair_stats(pi, ratios, beta):
-    """Sums over B pairs of what is logged (each divided by the number of pairs later): implicit rewards
-    β·log π/π_ref, their margin, preference accuracy (a tie counts 1/2), the policy's log-probs, and how
-    often the policy alone prefers the chosen."""
+    """Sums over the B pairs of what is logged (choice 9), and how often the policy alone prefers the chosen."""
     r = beta * ratios
     m = r[:, 0] - r[:, 1]
     return {"reward_chosen": r[:, 0].sum().item(), "reward_rejected": r[:, 1].sum().item(),
@@ -325,13 +303,13 @@ def load_pairs(args, ref, tok, amp):
 
 
 def dpo_step(model, opt, batch, tok, args, step, run_dir, amp):
-    """One optimizer step of the mean pair loss (plus α times the chosen completions' mean NLL) over `batch`
-    (every rank's pairs; this rank takes its share, micro-batch by micro-batch). Returns (loss, gradient
-    norm, the sums of pair_stats), summed over ranks."""
+    """One optimizer step of the mean pair loss (+ α × the chosen tokens' mean NLL) over `batch` (every rank's pairs;
+    this rank's share, micro-batch by micro-batch) -> (loss, gradient norm, pair_stats' sums), summed over ranks."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n_tokens = sum(len(p["chosen_ids"]) for p in batch)  # the NLL term's normaliser, known on every rank
-    mine, loss_sum, device, stats = batch[rank::world], 0.0, next(model.parameters()).device, {}
+    mine, loss_sum, device = batch[rank::world], 0.0, next(model.parameters()).device
     lengths = [2 * (len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) - 1) for p in mine]
+    stats = {}
     for rows, _ in micro_batches(lengths, args):  # a pair is two rows: its chosen and its rejected sequence
         micro = [mine[r] for r in rows]
         ids, targets, mask = collate_pairs(micro, tok.pad_id, device)
@@ -350,6 +328,7 @@ def dpo_step(model, opt, batch, tok, args, step, run_dir, amp):
     loss_sum, grad_norm = optimizer_step(model, opt, args, loss_sum, step, run_dir)
     return loss_sum, grad_norm, dict(zip(stats, all_sum(*stats.values())))
 
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -366,9 +345,9 @@ def main():
         raise SystemExit(f"error: --beta {args.beta}: DPO needs β > 0")
     run_dir, start, state = open_run(args)
     model, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
-    ref = load_model(args.model, device, args.seed)[0].requires_grad_(False)  # whole on every rank; freed below
     model = prepare(model, args)
     amp = autocast(device)
+    ref = load_model(args.model, device, args.seed)[0].requires_grad_(False)  # whole on every rank; freed below
     t0 = time.time()
     train, evals, examples, skipped = load_pairs(args, ref, tok, amp)
     if not train or not evals:
@@ -380,23 +359,22 @@ def main():
     del ref
     opt = make_optimizer(model, args, state)
     micro = min(per_rank, args.micro_batch_size)
-    evaluate_dpo = lambda model, tok, evals, args, amp: evaluate_pairs(model, tok, evals, examples, args, amp)
+    evaluate = lambda model, tok, evals, args, amp: evaluate_pairs(model, tok, evals, examples, args, amp)
     bar = begin(model, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} pairs = {world} ranks x "
                 f"{per_rank // micro} micro-batches x {micro} | {len(train)} train, {len(evals)} held-out pairs "
-                f"({', '.join(f'{k[5:]} {v}' for k, v in skipped.items())}; {time.time() - t0:.0f}s)", evaluate_dpo,
+                f"({', '.join(f'{k[5:]} {v}' for k, v in skipped.items())}; {time.time() - t0:.0f}s)", evaluate,
                 skipped | {"data/train_pairs": len(train), "data/eval_pairs": len(evals)})
     for step in bar:
         t0, lr = time.time(), set_lr(opt, step, args)
         batch = [train[i] for i in batch_indices(step, args.batch_size, len(train), args.seed)]
         loss, grad_norm, sums = dpo_step(model, opt, batch, tok, args, step, run_dir, amp)
-        metrics = {"train/loss": loss, **{f"train/{k}": v / args.batch_size for k, v in sums.items()},
-                   "train/lr": lr, "train/grad_norm": grad_norm, "perf/tokens_per_sec": sum(
-                       2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
-                   / (time.time() - t0)}
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm, "perf/tokens_per_sec":
+                   sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in batch)
+                   / (time.time() - t0)} | {f"train/{k}": v / args.batch_size for k, v in sums.items()}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            metrics |= evaluate_dpo(model, tok, evals, args, amp)
+            metrics |= evaluate(model, tok, evals, args, amp)
         end_step(model, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt})
-    finish(args, run_dir, rank, evaluate_dpo(model, tok, evals, args, amp))
+    finish(args, run_dir, rank, evaluate(model, tok, evals, args, amp))
 
 
 # ==============================================================================================
