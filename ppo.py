@@ -8,24 +8,20 @@ token a reward, estimate its advantage with a critic V, then take K epochs of cl
 
     max_θ E_t [ min(ρ_t A_t, clip(ρ_t, 1 − ε, 1 + ε) A_t) ], ρ_t = π_θ(y_t | s_t) / π_old(y_t | s_t)
     r_t = −β (log π_old(y_t | s_t) − log π_ref(y_t | s_t)) + [t = last] r(x, y),   s_t = (x, y_<t),
-    A_t = Σ_l (γλ)^l δ_t+l,   δ_t = r_t + γ V(s_t+1) − V(s_t)   (GAE; V is regressed on A + V_old)
+    A_t = Σ_l (γλ)^l δ_t+l,   δ_t = r_t + γ V(s_t+1) − V(s_t)   (GAE; V is regressed on R = A + V_old)
 
 Choices made here where the literature differs:
-  1. Critic: a copy of the starting checkpoint with a zero-initialised scalar head (V = 0 at first),
-     its own AdamW and --critic-lr; V(s_t) is read at the position that predicts y_t.
-  2. Reward: −β k1 to the frozen reference on every completion token, r(x, y) at the last one;
-     --no-eos-penalty off the score of a completion without EOS. β fixed, or adapted to --kl-target
-     (Ziegler et al. 2019, arXiv 1909.08593).
-  3. GAE with γ = 1, λ = 0.95; a truncated completion is not bootstrapped; returns R_t = A_t + V_old.
-     Advantages whitened once per batch over all its completion tokens and ranks.
+  1. Critic: the starting checkpoint with a zero-initialised scalar head (V = 0 at first), own AdamW, --critic-lr.
+  2. Reward: −β k1 to the frozen reference on every completion token, r(x, y) at the last one (less
+     --no-eos-penalty without EOS). β fixed, or adapted to --kl-target (Ziegler et al. 2019, arXiv 1909.08593).
+  3. GAE, γ = 1, λ = 0.95, a truncated completion not bootstrapped; advantages whitened once per batch (its tokens).
   4. Policy loss: the mean over the mini-batch's completion tokens (counted over all ranks); no entropy bonus.
   5. Temperature: sampling is at --temperature T and the objective is that of the tempered policy
      π_θ/T (the softmax of the logits divided by T): every log-prob of a sampled token is taken at
      the same T, recomputed by the training forward pass (never the sampler's numbers).
   6. Value loss: ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²), the same token mean.
   7. --epochs passes of --mini-batches shuffled mini-batches, an optimizer step each: the policy's, then the critic's.
-  8. One completion for each of 64 prompts per step, as in RLHF: the critic is the baseline. Logged: approx_kl
-     (k3 of KL(π_old ‖ π_θ)), clipfrac (|ρ − 1| > ε), explained variance 1 − Var(R − V_old) / Var(R).
+  8. One completion for each of 64 prompts per step, as in RLHF: the critic is the baseline.
 
 Run: python sft.py && python ppo.py   (real weights, GPUs, torchrun: README.md)
 """
@@ -55,7 +51,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 from model import GPT, Tokenizer, tiny_config
@@ -123,7 +118,7 @@ class Args:
     beta: float = 0.02
     """KL penalty coefficient β; 0: no reference model"""
     whiten: bool = True
-    """normalise the advantages to mean 0, std 1 over the batch's completion tokens"""
+    """normalise the advantages to mean 0, std 1 over the batch"""
     kl_target: float = 0.0
     """adaptive β: the KL per sequence to steer towards (0: β stays fixed)"""
     kl_horizon: int = 10000
@@ -150,29 +145,17 @@ class Args:
 # PPO: the critic, per-token rewards, GAE, mini-batches, the clipped losses, the KL controller
 
 
-class Critic(nn.Module):
-    """V(s): a transformer body with a scalar head on its final hidden state. ids (B, T) -> values
-    (B, T), values[:, t] the value of the state ids[:, :t + 1], the one in which targets[:, t] is
-    emitted, so that values line up with the log-probs."""
+class Critic(torch.nn.Module):
+    """ids (B, T) -> values (B, T): values[:, t] = V(ids[:, :t + 1]), the state in which targets[:, t] is emitted."""
 
     def __init__(self, body):
         super().__init__()
-        self.body, self.head = body, nn.Linear(body.config.n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.body, self.head = body, torch.nn.Linear(body.config.n_embd, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, ids):
         return self.head(self.body.trunk(ids)).squeeze(-1)
-
-
-@torch.no_grad()
-def critic_values(critic, ids, mask, micro_batch_size, amp):
-    """V(s_t) (B, T) of a collated batch, micro-batch by micro-batch; zero off the mask."""
-    out = []
-    for i in range(0, len(ids), micro_batch_size):
-        with amp:
-            out.append(critic(ids[i:i + micro_batch_size]).float())
-    return torch.cat(out) * mask
 
 
 def masked_mean_var(x, mask):
@@ -182,8 +165,7 @@ def masked_mean_var(x, mask):
 
 
 def token_rewards(reward, kl, mask, beta):
-    """reward (B,), kl and mask (B, T) -> rewards (B, T): −β kl_t on every completion token, plus the
-    sequence's reward on the completion's last token."""
+    """reward (B,), kl, mask (B, T) -> rewards (B, T): −β kl_t on every completion token, + reward on the last."""
     rewards = -beta * kl * mask
     last = mask.shape[1] - 1 - mask.flip(1).float().argmax(1)  # (B,) position of the last completion token
     rewards[torch.arange(len(reward), device=reward.device), last] += reward
@@ -191,8 +173,7 @@ def token_rewards(reward, kl, mask, beta):
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """rewards, values, mask (B, T), mask 1 on each completion's tokens -> advantages, returns (B, T).
-    δ_t = r_t + γ V(s_t+1) − V(s_t) and A_t = δ_t + γλ A_t+1, with V and A zero after the last token."""
+    """rewards, values, mask (B, T) -> advantages, returns (B, T): A_t = δ_t + γλ A_t+1, 0 after the last token."""
     values, adv = values * mask, torch.zeros_like(values)
     nxt_value, nxt_adv = torch.zeros_like(values[:, 0]), torch.zeros_like(values[:, 0])
     for t in reversed(range(values.shape[1])):
@@ -209,29 +190,25 @@ def minibatches(n, n_mini, seed, step, epoch, rank):
 
 
 def ppo_loss(logp, old_logp, adv, mask, clip, n_tokens):
-    """logp, old_logp, adv, mask (B, T) -> this micro-batch's share of the mini-batch's token mean of
-    −min(ρ A, clip(ρ, 1 − ε, 1 + ε) A), and two token sums for the logs: tokens whose ratio is clipped,
-    and the k3 estimate (ρ − 1) − log ρ of KL(π_old ‖ π_θ)."""
+    """logp, old_logp, adv, mask (B, T) -> Σ_t −min(ρ A, clip(ρ, 1 ± ε) A) / n_tokens over this micro-batch, and
+    for the logs the token sums of clipped ratios and of k3 = (ρ − 1) − log ρ (of KL(π_old ‖ π_θ))."""
     log_ratio = logp - old_logp
     ratio = log_ratio.exp()
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    with torch.no_grad():
-        clipped = (((ratio - 1).abs() > clip) * mask).sum()
-        k3 = (((ratio - 1) - log_ratio) * mask).sum()
+    clipped = (((ratio - 1).abs() > clip) * mask).sum()
+    k3 = (((ratio - 1) - log_ratio).detach() * mask).sum()
     return (loss * mask).sum() / n_tokens, clipped, k3
 
 
 def value_loss(values, old_values, returns, mask, clip, n_tokens):
-    """values, old_values, returns, mask (B, T) -> this micro-batch's share of the token mean of
-    ½ max((V − R)², (V_old + clip(V − V_old, −ε_v, ε_v) − R)²)."""
+    """values, old_values, returns, mask (B, T) -> this micro-batch's share of the token mean of choice 6's loss."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
     return (loss * mask).sum() / n_tokens
 
 
 def adaptive_beta(beta, kl, target, n, horizon):
-    """Ziegler et al.'s proportional controller: β ← β (1 + clip(KL / target − 1, −0.2, 0.2) · n / horizon),
-    with KL the batch's mean KL per sequence and n its number of sequences."""
+    """Ziegler et al.: β ← β (1 + clip(kl / target − 1, ±0.2) · n / horizon), kl the mean per sequence."""
     return beta * (1 + min(max(kl / target - 1, -0.2), 0.2) * n / horizon)
 
 
@@ -257,9 +234,9 @@ def main():
     beta = state["beta"] if state else args.beta
     per_rank = args.batch_size // world
     if per_rank * world != args.batch_size or not 1 <= args.mini_batches <= per_rank * args.group_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks, and --mini-batches "
-                         f"{args.mini_batches} must be between 1 and the {per_rank * args.group_size} sequences of "
-                         "a rank")
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; "
+                         f"--mini-batches {args.mini_batches} must be between 1 and the {per_rank * args.group_size} "
+                         "sequences of a rank")
     if args.kl_target > 0 and args.beta <= 0:
         raise SystemExit("error: --kl-target adapts β: it needs --beta > 0")
     bar = begin(policy, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} prompts x "
@@ -273,57 +250,50 @@ def main():
         seqs, masks, rewards, texts, ended = rollout(policy, tok, prompts, args, step, rows, amp)
         t_gen = time.time() - t0
         batch = collate(seqs, masks, tok.pad_id, device)
-        (ids, targets, mask), n_seqs = batch, args.batch_size * args.group_size
+        mask, n_seqs = batch[2], args.batch_size * args.group_size
+        ids, targets = batch[0], batch[1]
         old_logp = sequence_logprobs(policy, batch, args.micro_batch_size, amp, args.temperature)  # log π_old
         kl = torch.zeros_like(old_logp)  # k1 = log π/π_ref per token
         if ref is not None:
             kl = (old_logp - sequence_logprobs(ref, batch, args.micro_batch_size, amp, args.temperature)) * mask
-        old_values = critic_values(critic, ids, mask, args.micro_batch_size, amp)
+        with torch.no_grad(), amp:  # V_old (B, T), micro-batch by micro-batch; zero off the mask
+            old_values = torch.cat([critic(part).float() for part in ids.split(args.micro_batch_size)]) * mask
         shaped = rewards.to(device) - args.no_eos_penalty * (~ended).to(device)
         adv, returns = gae(token_rewards(shaped, kl, mask, beta), old_values, mask, args.gamma, args.lam)
-        if args.whiten:  # over the batch's completion tokens, every rank
+        if args.whiten:
             mean, var = masked_mean_var(adv, mask)
             adv = (adv - mean) / (math.sqrt(var) + 1e-8) * mask
-        n_updates = args.epochs * args.mini_batches
-        # the policy: K epochs of clipped steps over shuffled mini-batches
-        loss_sum, clip_sum, k3_sum, ent_sum, grad_norm = 0.0, 0.0, 0.0, 0.0, 0.0
+        n_updates, n_tok = args.epochs * args.mini_batches, all_sum(mask.sum().item())[0]  # n_tok: all ranks
+        loss_sum, ent_sum = 0.0, 0.0
+        clip_sum, k3_sum, grad_norm, value_sum = 0.0, 0.0, 0.0, 0.0
         for epoch in range(args.epochs):
             for idx in minibatches(len(seqs), args.mini_batches, args.seed, step, epoch, rank):
-                n_mb, update_loss = all_sum(mask[idx].sum().item())[0], 0.0  # the mini-batch's tokens, all ranks
-                for part, cols in micro_batches([len(seqs[k]) - 1 for k in idx.tolist()], args):
+                n_mb, update_loss, update_value = all_sum(mask[idx].sum().item())[0], 0.0, 0.0  # n_mb: all ranks
+                for part, cols in micro_batches([len(seqs[k]) - 1 for k in idx.tolist()], args):  # the policy
                     j = (idx[part], cols)
                     with amp:
                         logp, ent = policy(ids[j], targets[j], mask=mask[j], temperature=args.temperature, entropy=True)
                     loss, clipped, k3 = ppo_loss(logp.float(), old_logp[j], adv[j], mask[j], args.clip, n_mb)
                     loss.backward()
                     update_loss, clip_sum = update_loss + loss.item(), clip_sum + clipped.item()
-                    k3_sum += k3.item()
-                    ent_sum += (ent.detach() * mask[j]).sum().item()
+                    k3_sum, ent_sum = k3_sum + k3.item(), ent_sum + (ent.detach() * mask[j]).sum().item()
                 update_loss, norm = optimizer_step(policy, opt, args, update_loss, step, run_dir)
                 loss_sum, grad_norm = loss_sum + update_loss, grad_norm + norm
-        # the critic: the same epochs and mini-batches, clipped value loss
-        value_sum = 0.0
-        for epoch in range(args.epochs):
-            for idx in minibatches(len(seqs), args.mini_batches, args.seed, step, epoch, rank):
-                n_mb, update_loss = all_sum(mask[idx].sum().item())[0], 0.0
-                for part, cols in micro_batches([len(seqs[k]) - 1 for k in idx.tolist()], args):
+                for part, cols in micro_batches([len(seqs[k]) - 1 for k in idx.tolist()], args):  # the critic
                     j = (idx[part], cols)
                     with amp:
                         values = critic(ids[j])
                     loss = value_loss(values.float(), old_values[j], returns[j], mask[j], args.vf_clip, n_mb)
                     loss.backward()
-                    update_loss += loss.item()
-                value_sum += optimizer_step(critic, critic_opt, args, update_loss, step, run_dir)[0]
-        _, var_returns = masked_mean_var(returns, mask)
-        _, var_error = masked_mean_var(returns - old_values, mask)
-        clip_sum, k3_sum, ent_sum, n_tok, kl_sum = all_sum(clip_sum, k3_sum, ent_sum, mask.sum().item(),
-                                                           kl.sum().item())
-        metrics = rl_metrics(rewards, mask, ended, n_seqs, t0, t_gen) | {
+                    update_value += loss.item()
+                value_sum += optimizer_step(critic, critic_opt, args, update_value, step, run_dir)[0]
+        explained = 1 - masked_mean_var(returns - old_values, mask)[1] / max(masked_mean_var(returns, mask)[1], 1e-12)
+        clip_sum, k3_sum, ent_sum, kl_sum = all_sum(clip_sum, k3_sum, ent_sum, kl.sum().item())
+        metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
             "train/loss": loss_sum / n_updates, "train/lr": lr, "train/grad_norm": grad_norm / n_updates,
             "train/value_loss": value_sum / n_updates, "train/kl": kl_sum / n_seqs, "train/beta": beta,
-            "train/approx_kl": k3_sum / (args.epochs * n_tok),
-            "train/clipfrac": clip_sum / (args.epochs * n_tok), "train/entropy": ent_sum / (args.epochs * n_tok),
-            "train/explained_variance": 1 - var_error / max(var_returns, 1e-12)}
+            "train/approx_kl": k3_sum / (args.epochs * n_tok), "train/clipfrac": clip_sum / (args.epochs * n_tok),
+            "train/entropy": ent_sum / (args.epochs * n_tok), "train/explained_variance": explained}
         if args.kl_target > 0:
             beta = adaptive_beta(beta, kl_sum / n_seqs, args.kl_target, n_seqs, args.kl_horizon)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
