@@ -289,11 +289,12 @@ def main():
                 value_sum += optimizer_step(critic, critic_opt, args, update_value, step, run_dir)[0]
         explained = 1 - masked_mean_var(returns - old_values, mask)[1] / max(masked_mean_var(returns, mask)[1], 1e-12)
         clip_sum, k3_sum, ent_sum, kl_sum = all_sum(clip_sum, k3_sum, ent_sum, kl.sum().item())
+        loss_sum, grad_norm, n_tok = loss_sum / n_updates, grad_norm / n_updates, args.epochs * n_tok  # over the passes
         metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
-            "train/loss": loss_sum / n_updates, "train/lr": lr, "train/grad_norm": grad_norm / n_updates,
-            "train/value_loss": value_sum / n_updates, "train/kl": kl_sum / n_seqs, "train/beta": beta,
-            "train/approx_kl": k3_sum / (args.epochs * n_tok), "train/clipfrac": clip_sum / (args.epochs * n_tok),
-            "train/entropy": ent_sum / (args.epochs * n_tok), "train/explained_variance": explained}
+            "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm, "train/kl": kl_sum / n_seqs,
+            "train/entropy": ent_sum / n_tok}
+        metrics |= {"train/value_loss": value_sum / n_updates, "train/beta": beta, "train/approx_kl": k3_sum / n_tok,
+                    "train/clipfrac": clip_sum / n_tok, "train/explained_variance": explained}
         if args.kl_target > 0:
             beta = adaptive_beta(beta, kl_sum / n_seqs, args.kl_target, n_seqs, args.kl_horizon)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
