@@ -21,7 +21,7 @@ import reinforce  # noqa: E402
 import sft  # noqa: E402
 import trpo  # noqa: E402
 from conftest import run_script  # noqa: E402
-from model import GPT, read_safetensors  # noqa: E402
+from model import GPT, Tokenizer, read_safetensors, tiny_config  # noqa: E402
 
 SFT = ["--train-size", "64", "--eval-size", "8", "--batch-size", "8", "--micro-batch-size", "4",
        "--max-new-tokens", "40", "--eval-every", "0", "--warmup-steps", "2"]
@@ -178,6 +178,21 @@ def test_sft_fsdp_equals_one_process_saves_and_resumes(tmp_path):
     launch(tmp_path, 2, *base[:2], "1", *base[3:], "--run-name", "cut", "--fsdp")
     launch(tmp_path, 2, *base, "--run-name", "cut", "--fsdp", "--resume")
     assert_same_run(tmp_path / "runs/fsdp", tmp_path / "runs/cut")
+
+
+def test_fsdp_with_packed_decode_weights_equals_one_process(tmp_path):
+    """A 512-wide model: its Linear weights (2^18+ entries) are packed for generate's decode steps
+    (model.packed_weights). Under --fsdp they are gathered whole first, then packed: the samples (their entropy,
+    lengths) and the run equal one process's. β = 0 and a random model (reward 0): no update but weight decay."""
+    torch.manual_seed(0)
+    GPT(tiny_config(n_layer=1, n_embd=512, ffn_dim=1024)).save_pretrained(tmp_path / "wide", Tokenizer.byte_level())
+    base = [str(ROOT / "grpo.py"), "--model", str(tmp_path / "wide"), "--steps", "2", *GRPO, "--batch-size", "4",
+            "--max-new-tokens", "6", "--beta", "0"]
+    launch(tmp_path, 0, *base, "--run-name", "one")
+    launch(tmp_path, 2, *base, "--run-name", "fsdp", "--fsdp")
+    assert_same_run(tmp_path / "runs/one", tmp_path / "runs/fsdp")
+    a, b = (train_records(tmp_path / f"runs/{n}") for n in ("one", "fsdp"))
+    assert [r["train/completion_len"] for r in a] == [r["train/completion_len"] for r in b]
 
 
 @pytest.mark.parametrize("script,extra", [("grpo", ["--mu", "2"]), ("reinforce", []), ("grape", []),
