@@ -12,10 +12,9 @@
 # checkpoint instead (the same flags). Every run is scored on the same 200 held-out problems, greedy.
 #
 # Measured (docs/experiments.md#smollm2; 2 CPU cores, one run at a time): on 2026-12-02, sft 2% -> 73.5% held-out
-# accuracy in 400 s; from it, with 16 prompts x 8 a step, reinforce 76.0% (1127 s), grpo 75.5% (1042 s), grape 77.5%
-# (1246 s); on 2026-12-01 rejection_sampling 77.0% (618 s), ppo 69.5% (997 s); on 2026-11-30, before each completion
-# had its own seed: dpo 80.5% (1485 s), trpo 73.5% (1461 s). One standard error is about 3 points: these runs do not
-# separate the algorithms.
+# accuracy in 400 s; from it rejection_sampling 77.0% (430 s), reinforce 76.0% (1127 s), grpo 75.5% (1042 s), grape
+# 77.5% (1246 s), ppo 69.5% (606 s); on 2026-11-30, before each completion had its own seed: dpo 80.5% (1485 s), trpo
+# 73.5% (1461 s). One standard error is about 3 points: these runs do not separate the algorithms.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${SMOLLM2_GGUF:-.cache/SmolLM2-135M-Instruct.Q4_1.gguf}
