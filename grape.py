@@ -542,8 +542,11 @@ def main():
             "train/clipfrac_low": low_sum / n_all, "train/clipfrac_high": high_sum / n_all,
             "train/groups_all_equal": n_equal / args.batch_size,
             "perf/judge_seconds": t_judge, "perf/update_seconds": time.time() - t0 - t_gen - t_judge}
-        metrics |= {f"rubric/{it['name']}/{key}": v[k].item() for k, it in enumerate(items) if count[k] > 0
-                    for key, v in (("score", score_sum / count), ("weight", weight), ("confidence", conf_sum / count))}
+        for k, it in enumerate(items):
+            if count[k] > 0:  # an item of a category this batch has
+                metrics |= {f"rubric/{it['name']}/score": (score_sum[k] / count[k]).item(),
+                            f"rubric/{it['name']}/weight": weight[k].item(),
+                            f"rubric/{it['name']}/confidence": (conf_sum[k] / count[k]).item()}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             metrics |= evaluate(policy, tok, evals, args, amp)
         end_step(policy, tok, args, run_dir, rank, bar, step, metrics, {"optimizer": opt})

@@ -263,7 +263,7 @@ def main():
         if args.whiten:
             mean, var = masked_mean_var(adv, mask)
             adv = (adv - mean) / (math.sqrt(var) + 1e-8) * mask
-        n_updates, n_tok = args.epochs * args.mini_batches, all_sum(mask.sum().item())[0]  # n_tok: all ranks
+        n_updates, n_tok = args.epochs * args.mini_batches, args.epochs * all_sum(mask.sum().item())[0]  # over K passes
         loss_sum, ent_sum = 0.0, 0.0
         clip_sum, k3_sum, grad_norm, value_sum = 0.0, 0.0, 0.0, 0.0
         for epoch in range(args.epochs):
@@ -289,7 +289,7 @@ def main():
                 value_sum += optimizer_step(critic, critic_opt, args, update_value, step, run_dir)[0]
         explained = 1 - masked_mean_var(returns - old_values, mask)[1] / max(masked_mean_var(returns, mask)[1], 1e-12)
         clip_sum, k3_sum, ent_sum, kl_sum = all_sum(clip_sum, k3_sum, ent_sum, kl.sum().item())
-        loss_sum, grad_norm, n_tok = loss_sum / n_updates, grad_norm / n_updates, args.epochs * n_tok  # over the passes
+        loss_sum, grad_norm = loss_sum / n_updates, grad_norm / n_updates  # per update
         metrics = rl_metrics(rewards, batch[2], ended, n_seqs, t0, t_gen) | {
             "train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm, "train/kl": kl_sum / n_seqs,
             "train/entropy": ent_sum / n_tok}

@@ -306,7 +306,7 @@ def test_packed_weights_for_the_decode_steps():
 
 def test_generate_with_packed_weights_is_greedy_equal_to_the_uncached_loop():
     """A model whose linears are packed in the decode steps (weights of 2^18+ entries) decodes greedily what the
-    uncached loop decodes (no packing there: it has autograd off but many rows)."""
+    uncached loop decodes (no packing there: only generate packs)."""
     torch.manual_seed(0)
     cfg = M.GPTConfig(arch="llama", vocab_size=600, n_layer=2, n_head=8, n_kv_head=4, n_embd=512, ffn_dim=512,
                       max_seq_len=64, tie_embeddings=False, eos_token_id=[0], pad_token_id=1)
