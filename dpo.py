@@ -225,7 +225,8 @@ def pair_logps(model, tok, pairs, args, amp):
     """Summed log-probs (N, 2) of each pair's (chosen, rejected), split over ranks (under --fsdp: the model whole)."""
     def chunk(i):
         batch = collate_pairs(pairs[i:i + args.micro_batch_size], tok.pad_id, model.lm_head.weight.device)
-        return sequence_logprobs(model, batch, 2 * args.micro_batch_size, amp).sum(1).view(2, -1).T.tolist()
+        with amp:
+            return model.shared_prefix_logprobs(*batch).float().sum(1).view(2, -1).T.tolist()
     starts = list(range(0, len(pairs), args.micro_batch_size))
     with gathered(model):
         return torch.tensor([lp for part in shard_map(chunk, starts) for lp in part])
@@ -343,6 +344,8 @@ def main():
         raise SystemExit("error: --label-smoothing goes with --loss sigmoid or robust")
     if args.beta <= 0:
         raise SystemExit(f"error: --beta {args.beta}: DPO needs β > 0")
+    if args.temperature == 0 and args.task in ("arith", "gsm8k"):
+        raise SystemExit("error: --temperature 0: a prompt's k samples would all be the same, so no pairs")
     run_dir, start, state = open_run(args)
     model, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
     model = prepare(model, args)
@@ -559,7 +562,7 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                     (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
-    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
+    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py, dpo.py)
     "temperature": (lambda v: v > 0 or v == 0 and "sequence_logprobs" not in globals(), "> 0"),
     **dict.fromkeys(["ema_decay", "gamma", "lam"], (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -1039,19 +1042,6 @@ def rollout(model, tok, examples, args, step, rows, amp):
         rewards.append(reward_fn(texts[-1], examples[j // args.group_size]))
         ended.append(o[n - 1] in tok.stop_ids)
     return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
-
-
-@torch.no_grad()
-def sequence_logprobs(model, batch, micro_batch_size, amp, temperature=1.0):
-    """log π(target) (B, T) of a collated batch at the sampling temperature (logits / T), micro-batch by
-    micro-batch; zero off the mask."""
-    ids, targets, mask = batch
-    out = []
-    for i in range(0, len(ids), micro_batch_size):
-        sl = slice(i, i + micro_batch_size)
-        with amp, gathered(model):  # the k completions of a prompt share its prefill
-            out.append(model.shared_prefix_logprobs(ids[sl], targets[sl], mask[sl], temperature).float())
-    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -456,6 +456,14 @@ def evaluate_rubric(model, tok, examples, args, amp, items):
 def main():
     args = parse_args()
     rank, world, device = setup(args)
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or args.group_size < 2:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; --group-size >= 2")
+    if args.kl_estimator == "k1" and args.kl_in == "loss" and args.beta > 0:
+        raise SystemExit("error: --kl-estimator k1 --kl-in loss: the k1 penalty's expected gradient is zero (it only "
+                         "adds noise); use k3 or k2 in the loss, or k1 with --kl-in reward")
+    if args.per_item_advantages and args.kl_in == "reward":
+        raise SystemExit("error: --per-item-advantages needs --kl-in loss (the KL has no item to join)")
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
     ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
@@ -465,14 +473,6 @@ def main():
     tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
     tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
     opt = make_optimizer(policy, args, state)
-    per_rank = args.batch_size // world
-    if per_rank * world != args.batch_size or args.group_size < 2:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; --group-size >= 2")
-    if args.kl_estimator == "k1" and args.kl_in == "loss" and args.beta > 0:
-        raise SystemExit("error: --kl-estimator k1 --kl-in loss: the k1 penalty's expected gradient is zero (it only "
-                         "adds noise); use k3 or k2 in the loss, or k1 with --kl-in reward")
-    if args.per_item_advantages and args.kl_in == "reward":
-        raise SystemExit("error: --per-item-advantages needs --kl-in loss (the KL has no item to join)")
     items = load_rubric(args.rubric)
     check_categories(items, args.rubric, {"train": train, "eval": evals}, args.category)
     evaluate = lambda *a: evaluate_rubric(*a, items)  # evaluate() plus eval/rubric/<name>
@@ -735,7 +735,7 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                     (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
-    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
+    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py, dpo.py)
     "temperature": (lambda v: v > 0 or v == 0 and "sequence_logprobs" not in globals(), "> 0"),
     **dict.fromkeys(["ema_decay", "gamma", "lam"], (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),

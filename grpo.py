@@ -188,6 +188,12 @@ def aggregate(per_token, mask, mode, n_seqs, n_tokens, max_len):
 def main():
     args = parse_args()
     rank, world, device = setup(args)
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or args.group_size < 2:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; --group-size >= 2")
+    if args.kl_estimator == "k1" and args.kl_in == "loss" and args.beta > 0:
+        raise SystemExit("error: --kl-estimator k1 --kl-in loss: the k1 penalty's expected gradient is zero (it only "
+                         "adds noise); use k3 or k2 in the loss, or k1 with --kl-in reward")
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
     ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
@@ -197,12 +203,6 @@ def main():
     tokenize(train, tok, policy.config.max_seq_len, args.max_new_tokens, "train")
     tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
     opt = make_optimizer(policy, args, state)
-    per_rank = args.batch_size // world
-    if per_rank * world != args.batch_size or args.group_size < 2:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; --group-size >= 2")
-    if args.kl_estimator == "k1" and args.kl_in == "loss" and args.beta > 0:
-        raise SystemExit("error: --kl-estimator k1 --kl-in loss: the k1 penalty's expected gradient is zero (it only "
-                         "adds noise); use k3 or k2 in the loss, or k1 with --kl-in reward")
     bar = begin(policy, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} prompts x "
                 f"{args.group_size} completions = {world} ranks x {per_rank * args.group_size} sequences in "
                 f"micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval")
@@ -445,7 +445,7 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                     (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
-    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
+    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py, dpo.py)
     "temperature": (lambda v: v > 0 or v == 0 and "sequence_logprobs" not in globals(), "> 0"),
     **dict.fromkeys(["ema_decay", "gamma", "lam"], (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -140,6 +140,10 @@ def sft_step(model, opt, batch, tok, args, step, run_dir, amp):
 def main():
     args = parse_args()
     rank, world, device = setup(args)
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or per_rank % min(per_rank, args.micro_batch_size):
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks x whole micro-batches "
+                         f"of {args.micro_batch_size}")
     run_dir, start, state = open_run(args)
     model, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
     model = prepare(model, args)
@@ -148,10 +152,6 @@ def main():
     tokenize(train, tok, model.config.max_seq_len, 0, "train")
     tokenize(evals, tok, model.config.max_seq_len, args.max_new_tokens, "eval")
     opt = make_optimizer(model, args, state)
-    per_rank = args.batch_size // world
-    if per_rank * world != args.batch_size or per_rank % min(per_rank, args.micro_batch_size):
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks x whole micro-batches "
-                         f"of {args.micro_batch_size}")
     micro = min(per_rank, args.micro_batch_size)
     bar = begin(model, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} = {world} ranks x "
                 f"{per_rank // micro} micro-batches x {micro} | {len(train)} train, {len(evals)} eval examples")
@@ -349,7 +349,7 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                     (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
-    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
+    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py, dpo.py)
     "temperature": (lambda v: v > 0 or v == 0 and "sequence_logprobs" not in globals(), "> 0"),
     **dict.fromkeys(["ema_decay", "gamma", "lam"], (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),

@@ -318,6 +318,13 @@ def adaptive_beta(beta, kl, target, n, horizon):
 def main():
     args = parse_args()
     rank, world, device = setup(args)
+    per_rank = args.batch_size // world
+    if per_rank * world != args.batch_size or not 1 <= args.mini_batches <= per_rank * args.group_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; "
+                         f"--mini-batches {args.mini_batches} must be between 1 and the {per_rank * args.group_size} "
+                         "sequences of a rank")
+    if args.kl_target > 0 and args.beta <= 0:
+        raise SystemExit("error: --kl-target adapts β: it needs --beta > 0")
     run_dir, start, state = open_run(args)
     policy, tok = load_model(str(run_dir) if args.resume else args.model, device, args.seed)
     ref = load_model(args.model, device, args.seed)[0].requires_grad_(False) if args.beta > 0 else None
@@ -332,13 +339,6 @@ def main():
     tokenize(evals, tok, policy.config.max_seq_len, args.max_new_tokens, "eval")
     critic_opt = make_optimizer(critic, args, state, "critic_optimizer")
     beta = state["beta"] if state else args.beta
-    per_rank = args.batch_size // world
-    if per_rank * world != args.batch_size or not 1 <= args.mini_batches <= per_rank * args.group_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must split into {world} ranks; "
-                         f"--mini-batches {args.mini_batches} must be between 1 and the {per_rank * args.group_size} "
-                         "sequences of a rank")
-    if args.kl_target > 0 and args.beta <= 0:
-        raise SystemExit("error: --kl-target adapts β: it needs --beta > 0")
     bar = begin(policy, tok, evals, args, amp, run_dir, rank, start, f"batch {args.batch_size} prompts x "
                 f"{args.group_size} completions = {world} ranks x {per_rank * args.group_size} sequences in "
                 f"micro-batches of {args.micro_batch_size} | {len(train)} train, {len(evals)} eval")
@@ -606,7 +606,7 @@ RULES = {  # what each numeric flag must be, checked before any work (a script c
                     (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(["lr", "critic_lr", "epochs", "clip", "vf_clip", "max_kl", "judge_timeout"],
                     (lambda v: v > 0, "> 0")),
-    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py)
+    # 0 (greedy) only in a script that takes no log-prob at the sampling temperature (rejection_sampling.py, dpo.py)
     "temperature": (lambda v: v > 0 or v == 0 and "sequence_logprobs" not in globals(), "> 0"),
     **dict.fromkeys(["ema_decay", "gamma", "lam"], (lambda v: 0 <= v <= 1, "in [0, 1]")),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),

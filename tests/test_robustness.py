@@ -4,6 +4,7 @@ import fcntl
 import gzip
 import http.server
 import json
+import re
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ import grape
 import grpo
 import ppo
 import reinforce
+import rejection_sampling
 import sft
 import trpo
 from conftest import run_script
@@ -55,6 +57,19 @@ def test_device_cuda_without_a_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
         run_script(sft, monkeypatch, tmp_path, "--device", "cuda", *SMALL)
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    (sft, ["--batch-size", "6", "--micro-batch-size", "4"], "--batch-size 6 must split into 1 ranks x whole"),
+    (rejection_sampling, ["--batch-size", "6", "--micro-batch-size", "4"], "--batch-size 6 must split"),
+    (dpo, ["--temperature", "0"], "--temperature 0: a prompt's k samples would all be the same"),
+    (ppo, ["--mini-batches", "99"], "--mini-batches 99 must be between 1 and"),
+])
+def test_a_bad_combination_stops_before_the_model_loads(script, flags, message, monkeypatch, tmp_path):
+    """Checked right after the command line, before the (here missing) checkpoint is read or anything written."""
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run_script(script, monkeypatch, tmp_path, "--model", str(tmp_path / "missing"), *flags)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_k1_in_the_loss_is_refused(monkeypatch, tmp_path, tiny_ckpt):
