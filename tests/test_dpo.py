@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dpo as D
-from conftest import run_script
+from conftest import run_script, torchrun_ended
 from model import GPT, Tokenizer, read_safetensors
 
 TINY = ["--batch-size", "4", "--micro-batch-size", "2", "--group-size", "4", "--max-new-tokens", "12",
@@ -310,11 +310,11 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_ckpt):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     r = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "two"],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert torchrun_ended(r), r.stderr[-2000:]
     rows = lambda run: [json.loads(l) for l in (tmp_path / f"runs/{run}/metrics.jsonl").read_text().splitlines()]
     r = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "fsdp", "--fsdp"],
                        cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]  # the policy sharded; the reference whole on each rank
+    assert torchrun_ended(r), r.stderr[-2000:]  # the policy sharded; the reference whole on each rank
     one, two, fsdp = rows("one"), rows("two"), rows("fsdp")
     assert one[0]["eval/pref_accuracy"] == two[0]["eval/pref_accuracy"] == 0.5  # reference log-probs gathered in order
     assert [r["step"] for r in one] == [r["step"] for r in two] == [r["step"] for r in fsdp]

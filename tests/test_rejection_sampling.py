@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rejection_sampling as RS
-from conftest import run_script
+from conftest import run_script, torchrun_ended
 from model import read_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,14 +143,14 @@ def test_torchrun_two_processes_equal_one(tmp_path, digits):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     two = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "two"],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert torchrun_ended(two), two.stderr[-2000:]
     a = read_safetensors(tmp_path / "runs/one/model.safetensors")
     b = read_safetensors(tmp_path / "runs/two/model.safetensors")
     for k in a:  # Adam amplifies summation-order noise in near-zero gradients (see tests/test_sft.py)
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
     fsdp = subprocess.run([torchrun, "--nproc_per_node=2", "--standalone", *base, "--run-name", "fsdp",
                            "--fsdp"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert fsdp.returncode == 0, fsdp.stderr[-2000:]
+    assert torchrun_ended(fsdp), fsdp.stderr[-2000:]
     c = read_safetensors(tmp_path / "runs/fsdp/model.safetensors")  # sharded, then gathered into one checkpoint
     for k in a:
         torch.testing.assert_close(a[k], c[k], atol=1e-4, rtol=1e-4)

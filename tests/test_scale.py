@@ -20,7 +20,7 @@ import ppo  # noqa: E402
 import reinforce  # noqa: E402
 import sft  # noqa: E402
 import trpo  # noqa: E402
-from conftest import run_script  # noqa: E402
+from conftest import run_script, torchrun_ended  # noqa: E402
 from model import GPT, Tokenizer, read_safetensors, tiny_config  # noqa: E402
 
 SFT = ["--train-size", "64", "--eval-size", "8", "--batch-size", "8", "--micro-batch-size", "4",
@@ -156,7 +156,7 @@ def launch(tmp_path, nproc, *argv):  # --standalone: torchrun picks a free port
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *argv] if nproc else [sys.executable, *argv]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert torchrun_ended(r) if nproc else r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
 
 def test_sft_fsdp_equals_one_process_saves_and_resumes(tmp_path):
