@@ -213,7 +213,7 @@ def chat_ckpt(tmp_path_factory):
 def torchrun_ended(r):
     """A torchrun launch that ended well: exit status 0, or the one known exception: rank 0 printed its final line
     (every rank had passed finish()'s barrier and left the process group) and then gloo's teardown aborted a rank
-    ("terminate called without an active exception"; torch 2.13 CPU, rare: 1 in 28 launches did not show it). What
+    ("terminate called without an active exception"; torch 2.13 CPU, rare: seen once in CI, in none of 28 repeats). What
     the run saved is checked by the caller either way."""
     return r.returncode == 0 or ("terminate called without an active exception" in r.stderr
                                  and " | saved to " in r.stdout)
