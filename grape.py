@@ -6,12 +6,12 @@ Rewards", arXiv 2507.17746). Each prompt x has a category c(x), each category a 
 λ_k, *checked* (a program) or *judged* (a critic answers its question), giving completion y_i a score s_ik and a
 confidence c_ik in [0, 1]. The reward r_i is their confidence-weighted mean; the rest is the GRPO of
 Shao et al. 2024 (DeepSeekMath, arXiv 2402.03300), with the options of Dr. GRPO (arXiv 2503.20783) and
-DAPO (arXiv 2503.14476); the exposition follows Patel, arXiv 2509.04501. Sample G completions of each
+DAPO (arXiv 2503.14476); the exposition follows Patel, arXiv 2509.04501. Sample k completions of each
 prompt x from the policy π_old about to be updated, give every token of y_i its group's advantage, and
 take μ clipped steps on
 
-    J(θ) = E [ 1/G Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i) − β KL_t(π_θ ‖ π_ref) ],
-    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),   A_i = (r_i − mean(r_1..r_G)) / (std(r_1..r_G) + ε)
+    J(θ) = E [ 1/k Σ_i agg_t min(ρ_it A_i, clip(ρ_it, 1−ε_low, 1+ε_high) A_i) − β KL_t(π_θ ‖ π_ref) ],
+    ρ_it = π_θ(y_it | x, y_i,<t) / π_old(y_it | x, y_i,<t),   A_i = (r_i − mean(r_1..r_k)) / (std(r_1..r_k) + ε)
     r_i = Σ_k w_k s_ik / Σ_k w_k over the items k of c(x),   w_k = λ_k · mean_j c_jk (j: the batch, where k applies)
 
 Choices made here where the literature differs:
@@ -126,7 +126,7 @@ class Args:
     WANDB_MODE says otherwise)"""
     # GRPO
     group_size: int = 8
-    """G: completions sampled per prompt"""
+    """k: completions sampled per prompt"""
     temperature: float = 1.0
     """sampling temperature of the rollouts"""
     top_p: float = 1.0
@@ -177,7 +177,7 @@ class Args:
 
 
 def group_advantages(rewards, scale, batch_std=None, eps=1e-4):
-    """rewards (P, G) -> advantages (P, G): r minus its group's mean, divided by the group's std (group), the
+    """rewards (P, k) -> advantages (P, k): r minus its group's mean, divided by the group's std (group), the
     batch's std (batch: `batch_std`, over every rank; None: that of `rewards`) or nothing (none)."""
     centred = rewards - rewards.mean(1, keepdim=True)
     if scale == "group":
@@ -555,7 +555,7 @@ def main():
 
 # ==============================================================================================
 # Everything below this line is the same, byte for byte, in every script (tests/test_family.py
-# checks it): the task, the shared machinery and, in the scripts that sample, the rollouts.
+# checks it): the task, the shared machinery (sampling included) and, in the RL scripts, their own block.
 # ----------------------------------------------------------------------------------------------
 # Task: examples are {"prompt", "completion", "answer"}; the reward scores a completion's text
 
@@ -974,16 +974,35 @@ def batch_indices(step, batch_size, n, seed):
 
 
 @torch.no_grad()
+def rollout(model, tok, examples, args, step, rows, amp, greedy=False):
+    """k = --group-size completions of each prompt (greedy: one, at temperature 0), completion j of the prompt at
+    place rows[i] of the batch seeded by (seed, step, rows[i], j) however ranks split it -> sequences (prompt +
+    completion ids), loss masks (1 on completion tokens), rewards (P*k,), completion texts, whether each ended
+    with EOS (else it hit --max-new-tokens)."""
+    k = 1 if greedy else args.group_size
+    prompts = [ex["prompt_ids"] for ex in examples for _ in range(k)]
+    seed = None if greedy else [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
+                                for r in rows for j in range(k)]
+    temperature, top_p = (0.0, 1.0) if greedy else (args.temperature, args.top_p)
+    with amp, gathered(model):
+        out, mask = model.generate(prompts, args.max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                   eos_id=tok.stop_ids, pad_id=tok.pad_id)
+    seqs, masks, rewards, texts, ended = [], [], [], [], []
+    for j, (p, o, n) in enumerate(zip(prompts, out.tolist(), mask.sum(1).tolist())):
+        texts.append(tok.decode(o[:n]))
+        seqs.append(p + o[:n])
+        masks.append([0] * len(p) + [1] * n)
+        rewards.append(reward_fn(texts[-1], examples[j // k]))
+        ended.append(o[n - 1] in tok.stop_ids)
+    return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
+
+
 def eval_completions(model, tok, examples, args, amp):
     """Greedy completions of this rank's share of the held-out examples: [(example, text)]."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine, out = examples[rank::world], []
     for i in range(0, len(mine), 256):
-        batch = mine[i:i + 256]
-        with amp, gathered(model):
-            ids, mask = model.generate([ex["prompt_ids"] for ex in batch], args.max_new_tokens, temperature=0,
-                                       eos_id=tok.stop_ids, pad_id=tok.pad_id)
-        out += [(ex, tok.decode(o[:n])) for ex, o, n in zip(batch, ids.tolist(), mask.sum(1).tolist())]
+        out += zip(mine[i:i + 256], rollout(model, tok, mine[i:i + 256], args, 0, None, amp, greedy=True)[3])
     return out
 
 
@@ -1193,28 +1212,7 @@ def finish(args, run_dir, rank, metrics):
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts: k scored samples per prompt; their log-probs; each RL step's metrics (in the scripts that use them)
-
-
-@torch.no_grad()
-def rollout(model, tok, examples, args, step, rows, amp):
-    """k completions of each prompt, completion j of the prompt at place rows[i] of the batch seeded by (seed, step,
-    rows[i], j) however ranks split it -> sequences (prompt + completion ids), loss masks (1 on completion tokens),
-    rewards (P*k,), completion texts, whether each ended with EOS (else it hit --max-new-tokens)."""
-    prompts = [ex["prompt_ids"] for ex in examples for _ in range(args.group_size)]
-    seed = [int(np.random.SeedSequence([args.seed, step, r, j]).generate_state(1)[0])
-            for r in rows for j in range(args.group_size)]
-    with amp, gathered(model):
-        out, mask = model.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                   seed=seed, eos_id=tok.stop_ids, pad_id=tok.pad_id)
-    seqs, masks, rewards, texts, ended = [], [], [], [], []
-    for j, (p, o, n) in enumerate(zip(prompts, out.tolist(), mask.sum(1).tolist())):
-        texts.append(tok.decode(o[:n]))
-        seqs.append(p + o[:n])
-        masks.append([0] * len(p) + [1] * n)
-        rewards.append(reward_fn(texts[-1], examples[j // args.group_size]))
-        ended.append(o[n - 1] in tok.stop_ids)
-    return seqs, masks, torch.tensor(rewards), texts, torch.tensor(ended)
+# RL: the log-probs of sampled sequences and each RL step's metrics (in the scripts that use them)
 
 
 @torch.no_grad()

@@ -110,15 +110,15 @@ def test_sample_pairs_choice_rule(monkeypatch):
 
     monkeypatch.setattr(D, "rollout", fake_rollout)
     args = D.Args(group_size=4, batch_size=2, pairs_per_prompt=1)
-    pairs, skipped = D.sample_pairs(None, None, examples, args, None)
-    assert skipped == 2 and [p["index"] for p in pairs] == [0, 2, 4]
+    pairs = D.sample_pairs(None, None, examples, args, None)
+    assert [p["index"] for p in pairs] == [0, 2, 4]  # prompts 1 and 3 (all rewards equal) give none
     for p in pairs:
         r = rewards[p["index"]]
         assert p["prompt_ids"] == [100 + p["index"]] and p["chosen_ids"][0] == p["index"]  # its place
         assert r[p["chosen_ids"][1]] == max(r) and r[p["rejected_ids"][1]] == min(r)
-    assert pairs == D.sample_pairs(None, None, examples, args, None)[0]  # seeded
-    many, skipped = D.sample_pairs(None, None, examples, D.Args(group_size=4, batch_size=2, pairs_per_prompt=4), None)
-    assert skipped == 2 and [p["index"] for p in many] == [0, 0, 2, 2, 4, 4, 4]  # one pair per distinct worst sample
+    assert pairs == D.sample_pairs(None, None, examples, args, None)  # seeded
+    many = D.sample_pairs(None, None, examples, D.Args(group_size=4, batch_size=2, pairs_per_prompt=4), None)
+    assert [p["index"] for p in many] == [0, 0, 2, 2, 4, 4, 4]  # one pair per distinct worst sample
     for p in many:
         r = rewards[p["index"]]
         assert r[p["chosen_ids"][1]] == max(r) and r[p["rejected_ids"][1]] == min(r)

@@ -14,7 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["sft.py", "rejection_sampling.py", "dpo.py", "reinforce.py", "grpo.py", "grape.py", "ppo.py", "trpo.py"]
 PRESENT = [s for s in SCRIPTS if (ROOT / s).exists()]
-SAMPLERS = [s for s in PRESENT if s != "sft.py"]  # every script that samples has rollout()
 RL = ["reinforce.py", "grpo.py", "grape.py", "ppo.py", "trpo.py"]  # and these the RL step's metrics
 MARKER = "# Everything below this line is the same, byte for byte, in every script"
 
@@ -62,8 +61,9 @@ def test_task_and_shared_blocks_identical(script):
 
 
 def test_every_shared_function_has_one_text():
-    """A function below the marker has the same source in every script that defines it; rollout() is in every
-    script that samples and rl_metrics() in every RL script; nothing above the marker is shared by 3+ scripts."""
+    """A function below the marker has the same source in every script that defines it; rollout() (which evaluate()
+    uses too) is in every script and rl_metrics() in every RL script; nothing above the marker is shared by 3+
+    scripts."""
     below = {s: functions(split((ROOT / s).read_text())[1]) for s in PRESENT}
     above = {s: functions(split((ROOT / s).read_text())[0]) for s in PRESENT}
     texts = {}
@@ -71,7 +71,7 @@ def test_every_shared_function_has_one_text():
         for name, (_, src) in defs.items():
             texts.setdefault(name, set()).add(src)
     assert {name for name, srcs in texts.items() if len(srcs) > 1} == set()
-    assert all("rollout" in below[s] for s in SAMPLERS) and all("rl_metrics" in below[s] for s in RL if s in PRESENT)
+    assert all("rollout" in below[s] for s in PRESENT) and all("rl_metrics" in below[s] for s in RL if s in PRESENT)
     copies = {}
     for s, defs in above.items():
         for name, (_, src) in defs.items():

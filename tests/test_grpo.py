@@ -286,8 +286,8 @@ def test_mask_truncated_leaves_them_out_of_the_loss(monkeypatch, tmp_path, tiny_
     monkeypatch.setattr(G, "reward_fn", some_reward)
     real = G.rollout
 
-    def truncated(*a):
-        seqs, masks, rewards, texts, ended = real(*a)
+    def truncated(*a, **k):
+        seqs, masks, rewards, texts, ended = real(*a, **k)
         return seqs, masks, rewards, texts, torch.zeros_like(ended)
     monkeypatch.setattr(G, "rollout", truncated)
     masked = first_gradient(monkeypatch, tmp_path, tiny_ckpt, "masked", "--mask-truncated")

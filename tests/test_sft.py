@@ -1,5 +1,6 @@
 """sft.py: the loss and its invariance under micro-batching, prompt masking, the task block, bad data,
 resume and torchrun, and a smoke run of the script itself."""
+import contextlib
 import json
 import os
 import re
@@ -113,6 +114,25 @@ def test_prompt_too_long_is_an_error():
     tok = Tokenizer.byte_level()
     with pytest.raises(SystemExit, match="eval example 1: prompt of .* exceeds the model's context of 64"):
         sft.tokenize([{"prompt": "x" * 80, "completion": "1", "answer": "1"}], tok, 64, 8, "eval")
+
+
+def test_evaluation_is_a_greedy_rollout():
+    """evaluate() scores rollout(..., greedy=True): one completion a prompt, the argmax at every step whatever the
+    seed and step, rewarded by its text; sft's Args have no --group-size or --temperature for it to read."""
+    torch.manual_seed(0)
+    model, tok = GPT(tiny_config()).eval(), Tokenizer.byte_level()
+    evals = sft.arith_split(1, 5, seed=0)[1]
+    sft.tokenize(evals, tok, model.config.max_seq_len, 8, "eval")
+    seqs, masks, rewards, texts, ended = sft.rollout(model, tok, evals, sft.Args(max_new_tokens=8), 0, None,
+                                                     contextlib.nullcontext(), greedy=True)
+    ids, mask = model.generate([ex["prompt_ids"] for ex in evals], 8, temperature=0, eos_id=tok.stop_ids,
+                               pad_id=tok.pad_id)
+    assert texts == [tok.decode(o[:n]) for o, n in zip(ids.tolist(), mask.sum(1).tolist())]
+    assert len(seqs) == len(masks) == len(ended) == 5
+    assert rewards.tolist() == [sft.reward_fn(text, ex) for text, ex in zip(texts, evals)]
+    again = sft.rollout(model, tok, evals, sft.Args(max_new_tokens=8, seed=7), 3, None, contextlib.nullcontext(),
+                        greedy=True)
+    assert again[3] == texts
 
 
 def test_help_lists_every_field():
