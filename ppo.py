@@ -753,7 +753,8 @@ def eval_completions(model, tok, examples, args, amp):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine, out = examples[rank::world], []
     for i in range(0, len(mine), 256):
-        out += zip(mine[i:i + 256], rollout(model, tok, mine[i:i + 256], args, 0, None, amp, greedy=True)[3])
+        batch = mine[i:i + 256]
+        out += zip(batch, rollout(model, tok, batch, args, 0, None, amp, greedy=True)[3])  # texts
     return out
 
 

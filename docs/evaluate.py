@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sft  # noqa: E402
 
@@ -25,7 +27,7 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
-    device = sft.torch.device(a.device)
+    device = torch.device(a.device)
     for run in a.runs:
         t0 = time.time()
         args = sft.Args(model=run, task=a.task, eval_size=a.eval_size, train_size=1, max_new_tokens=a.max_new_tokens,
